@@ -1,0 +1,95 @@
+"""Fat morph + CQRS: the datastar-cl guide's ``fat-cqrs.lisp``, in Flask.
+
+Every tab holds one GET stream (``/sse``, the query side) that patches the
+whole ``#content`` every second; a click POSTs a command (``/click``) that
+increments the counter and broadcasts the new content to every open tab.
+
+Run it with ``python example_app.py`` (Flask's development server) or, as in
+production, ``gunicorn -c gunicorn.conf.py example_app:app``; then open
+http://127.0.0.1:8989/ in two tabs. Every setting can come from the
+environment: ``FLASK_DATASTAR_HEARTBEAT=5``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flask import Flask, render_template_string
+
+from flask_datastar import SSE, FlaskDatastar
+
+app = Flask(__name__)
+app.config.from_prefixed_env()
+datastar = FlaskDatastar(app)
+clients = datastar.registry(app, "fat-cqrs")
+
+clicks = 0
+# Changing the state, rendering it and queueing the broadcast happen under one
+# lock, so the broadcasts leave in the order of the states they show.
+state_lock = threading.Lock()
+
+CONTENT = """\
+<div id="content">
+  <button data-on:click="{{ sse_post('/click') }}">Click me</button>
+  <p>Time: <strong>{{ now }}</strong></p>
+  <p>Button clicks: <strong>{{ clicks }}</strong></p>
+  <hr>
+  <p>Below is a paragraph with <code>data-ignore-morph</code>. It is never touched by morphing,
+  so you can edit it freely.</p>
+  <div data-ignore-morph="true">
+    <p contenteditable="true" style="background-color: #ddd; padding:0.5em;">
+      Edit me: morphing will not reset my content!</p>
+  </div>
+</div>"""
+
+PAGE = """\
+<!doctype html>
+<html>
+<head>
+  <meta charset="utf-8">
+  <title>Fat CQRS</title>
+  <script type="module" src="{{ datastar_url() }}"></script>
+</head>
+<body data-init="{{ sse_get('/sse') }}">
+  <h1>Fat CQRS</h1>
+  <p>The time updates every 1s via the SSE loop. Click the button: the count pushes instantly
+  to all clients.</p>
+  {{ content|safe }}
+</body>
+</html>"""
+
+
+def render_content() -> str:
+    return render_template_string(CONTENT, now=time.strftime("%H:%M:%S"), clicks=clicks)
+
+
+@app.get("/")
+def index() -> str:
+    return render_template_string(PAGE, content=render_content())
+
+
+@app.get("/sse")
+@datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
+def sse(gen):
+    while True:
+        # No selector: in "outer" mode Datastar morphs #content by its id.
+        with state_lock:
+            gen.patch_elements(render_content())
+        yield gen.sleep(1)
+
+
+@app.post("/click")
+def click() -> tuple[str, int]:
+    global clicks
+    with state_lock:
+        clicks += 1
+        # The newest content supersedes any older one still waiting to be written.
+        clients.broadcast(
+            SSE.patch_elements(render_content(), selector="#content"), coalesce="content"
+        )
+    return "", 204
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=8989, threaded=True)

@@ -1,0 +1,74 @@
+"""Datastar (data-star.dev) for Flask.
+
+The wire format is in :mod:`flask_datastar.sse`, the stream in
+:mod:`flask_datastar.stream`, how bytes reach the client in
+:mod:`flask_datastar.transport`, the connection registry in
+:mod:`flask_datastar.registry`, broadcasts across processes in
+:mod:`flask_datastar.bus`, and the Flask glue in
+:mod:`flask_datastar.extension` and :mod:`flask_datastar.response`.
+"""
+
+from __future__ import annotations
+
+from .actions import (
+    DATASTAR_CDN_URL,
+    DATASTAR_VERSION,
+    JS,
+    datastar_url,
+    js_literal,
+    sse_delete,
+    sse_get,
+    sse_patch,
+    sse_post,
+    sse_put,
+)
+from .extension import DatastarConfig, FlaskDatastar
+from .registry import SSERegistry
+from .response import DatastarResponse, datastar_response, sse_response, sse_stream
+from .signals import is_datastar_request, read_signals
+from .sse import (
+    SSE,
+    SSE_HEADERS,
+    DatastarEvent,
+    ElementPatchMode,
+    ElementPatchNamespace,
+    EventType,
+    ServerSentEventGenerator,
+    js_string,
+)
+from .stream import Stream, StreamClosed, close_all_streams, open_streams, with_sse
+
+__all__ = [
+    "DATASTAR_CDN_URL",
+    "DATASTAR_VERSION",
+    "JS",
+    "SSE",
+    "SSE_HEADERS",
+    "DatastarConfig",
+    "DatastarEvent",
+    "DatastarResponse",
+    "ElementPatchMode",
+    "ElementPatchNamespace",
+    "EventType",
+    "FlaskDatastar",
+    "SSERegistry",
+    "ServerSentEventGenerator",
+    "Stream",
+    "StreamClosed",
+    "close_all_streams",
+    "datastar_response",
+    "datastar_url",
+    "is_datastar_request",
+    "js_literal",
+    "js_string",
+    "open_streams",
+    "read_signals",
+    "sse_delete",
+    "sse_get",
+    "sse_patch",
+    "sse_post",
+    "sse_put",
+    "sse_response",
+    "sse_stream",
+    "with_sse",
+]

@@ -1,0 +1,196 @@
+"""Flask responses and view decorators that turn handlers into Datastar streams."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast, overload
+
+from flask import Response, current_app, has_request_context, request, stream_with_context
+from werkzeug.exceptions import ServiceUnavailable
+
+from .sse import SSE_HEADERS
+from .stream import Handler, Hook, Stream, StreamConfig, open_streams
+
+__all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+Content = str | bytes | Iterable[Any] | None
+
+
+def _settings() -> tuple[StreamConfig, int | None]:
+    state = current_app.extensions.get("datastar") if has_request_context() else None
+    if state is None:
+        return StreamConfig(), None
+    return state.stream_config, state.config.max_streams
+
+
+class DatastarResponse(Response):
+    """A ``text/event-stream`` response with the Datastar headers.
+
+    *content* may be one event (a string), a list of events, or a generator:
+    a generator is driven as a stream (see :mod:`flask_datastar.stream`), so it
+    may ``yield`` events as datastar-py users are used to, or use
+    :func:`~flask_datastar.with_sse` and ``yield gen.sleep(seconds)``.
+
+    :param content: the events.
+    :param status: the HTTP status.
+    :param headers: extra headers.
+    :param handler: instead of *content*, run ``handler(gen)`` on a new
+        stream (see :func:`sse_response`).
+    :param on_connect: with *handler*, called with the stream when it opens.
+    :param on_disconnect: with *handler*, called exactly once when it ends.
+    """
+
+    default_mimetype = "text/event-stream"
+
+    def __init__(
+        self,
+        content: Content = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        handler: Handler | None = None,
+        on_connect: Hook | None = None,
+        on_disconnect: Hook | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.datastar_stream: Stream | None = None
+        all_headers = dict(SSE_HEADERS)
+        if headers:
+            all_headers.update(headers)
+        if handler is not None:
+            if content is not None:
+                raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
+            body = self._open(handler, on_connect, on_disconnect)
+            super().__init__(body, status, all_headers, **kwargs)
+        elif content is None or isinstance(content, (str, bytes)):
+            super().__init__(content or "", status, all_headers, **kwargs)
+        elif isinstance(content, (list, tuple)):
+            super().__init__(
+                "".join(_text(event) for event in content), status, all_headers, **kwargs
+            )
+        else:
+            events = content
+
+            def handler(gen: Stream) -> Iterable[Any]:
+                return events
+
+            super().__init__(self._open(handler, None, None), status, all_headers, **kwargs)
+
+    def _open(self, handler: Handler, on_connect: Hook | None, on_disconnect: Hook | None) -> Any:
+        config, max_streams = _settings()
+        if max_streams is not None and len(open_streams()) >= max_streams:
+            raise ServiceUnavailable(
+                f"This server process already holds {max_streams} streams"
+                " (DATASTAR_MAX_STREAMS); try again later."
+            )
+        environ = request.environ if has_request_context() else {}
+        self.datastar_stream = Stream(
+            environ, config, on_connect=on_connect, on_disconnect=on_disconnect
+        )
+        body = self.datastar_stream._run(handler)
+        # Keep the request context (request, session, g) alive while the stream runs.
+        return stream_with_context(body) if has_request_context() else body
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        if self.datastar_stream is not None:
+            # The direct path checks gunicorn's own response object, which a
+            # middleware wrapping start_response hides (and so turns it off).
+            self.datastar_stream._server_response = getattr(start_response, "__self__", None)
+        return super().__call__(environ, start_response)
+
+
+def _text(event: Any) -> str:
+    return event.decode("utf-8") if isinstance(event, bytes) else str(event)
+
+
+def sse_response(
+    handler: Handler,
+    *,
+    on_connect: Hook | None = None,
+    on_disconnect: Hook | None = None,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> DatastarResponse:
+    """Return a streaming response that runs ``handler(gen)`` on a new stream.
+
+    The handler may be a plain function that sends a few events and returns
+    (the stream then ends), or a generator function that pauses with
+    ``yield gen.sleep(seconds)`` and lives as long as it loops.
+
+    :param handler: called with the :class:`~flask_datastar.stream.Stream`.
+    :param on_connect: called with the stream when it opens, before any event
+        reaches the client (register it in a registry here).
+    :param on_disconnect: called exactly once when the stream ends.
+    :param status: the HTTP status.
+    :param headers: extra headers.
+    """
+    return DatastarResponse(
+        None, status, headers, handler=handler, on_connect=on_connect, on_disconnect=on_disconnect
+    )
+
+
+@overload
+def sse_stream(view: F) -> F: ...
+@overload
+def sse_stream(
+    view: None = None,
+    *,
+    on_connect: Hook | None = None,
+    on_disconnect: Hook | None = None,
+) -> Callable[[F], F]: ...
+def sse_stream(
+    view: F | None = None,
+    *,
+    on_connect: Hook | None = None,
+    on_disconnect: Hook | None = None,
+) -> F | Callable[[F], F]:
+    """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
+
+    ::
+
+        @app.get("/sse")
+        @sse_stream(on_connect=clients.register)
+        def sse(gen):
+            while True:
+                gen.patch_elements(render_content())
+                yield gen.sleep(1)
+
+    :param view: the view, when used without arguments (``@sse_stream``).
+    :param on_connect: called with the stream when it opens.
+    :param on_disconnect: called exactly once when the stream ends.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> DatastarResponse:
+            return sse_response(
+                lambda gen: fn(gen, *args, **kwargs),
+                on_connect=on_connect,
+                on_disconnect=on_disconnect,
+            )
+
+        return cast(F, wrapper)
+
+    return decorate(view) if view is not None else decorate
+
+
+def datastar_response(view: F) -> F:
+    """Wrap what a view returns or yields in a :class:`DatastarResponse`, as datastar-py does.
+
+    A generator view is a stream: it may ``yield`` events (``yield
+    SSE.patch_elements(...)``) and use :func:`~flask_datastar.with_sse`. A view
+    returning one event or a list of events gives a short response.
+
+    :param view: the view function.
+    """
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        rv = view(*args, **kwargs)
+        if isinstance(rv, Response):
+            return rv
+        return DatastarResponse(rv)
+
+    return cast(F, wrapper)

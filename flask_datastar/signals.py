@@ -1,0 +1,124 @@
+"""Reading the signals a Datastar client sends with each request."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import current_app, request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+__all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "is_datastar_request", "read_signals"]
+
+#: The default of ``DATASTAR_MAX_SIGNALS_BYTES``.
+DEFAULT_MAX_SIGNALS_BYTES = 1024 * 1024
+
+# Methods whose signals travel in the query string (fetch sends no body with them).
+_QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+# Parsed once per request, so a view and a stream hook can both call read_signals().
+_ENVIRON_KEY = "flask_datastar.signals"
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def is_datastar_request() -> bool:
+    """Tell whether the current request was sent by the Datastar client.
+
+    Every request of the client's actions carries ``Datastar-Request: true``.
+    """
+    return request.headers.get("Datastar-Request", "").lower() == "true"
+
+
+def _max_signals_bytes() -> int:
+    state = current_app.extensions.get("datastar")
+    if state is not None:
+        return int(state.config.max_signals_bytes)
+    return int(current_app.config.get("DATASTAR_MAX_SIGNALS_BYTES", DEFAULT_MAX_SIGNALS_BYTES))
+
+
+def _parse(raw: bytes | str, where: str) -> dict[str, Any]:
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"The Datastar signals in {where} are not valid UTF-8: {e}.") from None
+    else:
+        text = raw
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
+    except ValueError as e:
+        raise BadRequest(f"The Datastar signals in {where} are not valid JSON: {e}.") from None
+    if not isinstance(value, dict):
+        raise BadRequest(
+            f"The Datastar signals in {where} must be a JSON object, not {type(value).__name__}"
+            f" ({_json_type(value)})."
+        )
+    return value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+def read_signals() -> dict[str, Any]:
+    """Return the signals sent with the current request as a dict.
+
+    ``GET``, ``HEAD`` and ``DELETE`` requests carry them as JSON in the
+    ``datastar`` query parameter; other methods as a JSON body. A request
+    without signals gives ``{}``, and so does a form post (``contentType:
+    'form'``), whose fields are in :attr:`flask.Request.form`. Signals whose
+    name starts with ``_`` are never sent by the client. The result is parsed
+    once per request; later calls return the same dict.
+
+    :raises werkzeug.exceptions.BadRequest: the signals are not valid UTF-8,
+        not valid JSON, nested too deeply, or not a JSON object.
+    :raises werkzeug.exceptions.RequestEntityTooLarge: the body is larger than
+        ``DATASTAR_MAX_SIGNALS_BYTES``.
+    """
+    cached = request.environ.get(_ENVIRON_KEY)
+    if cached is None:
+        cached = request.environ[_ENVIRON_KEY] = _read_signals()
+    return cached
+
+
+def _read_signals() -> dict[str, Any]:
+    limit = _max_signals_bytes()
+    if request.method in _QUERY_METHODS:
+        raw = request.args.get("datastar")
+        if raw is None:
+            return {}
+        if len(raw) > limit:
+            raise RequestEntityTooLarge(
+                f"The Datastar signals are larger than the limit of {limit} bytes"
+                " (DATASTAR_MAX_SIGNALS_BYTES)."
+            )
+        return _parse(raw, "the 'datastar' query parameter")
+    if request.mimetype in _FORM_TYPES:
+        return {}
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge(
+            f"The request body of {request.content_length} bytes is larger than the limit of"
+            f" {limit} bytes for Datastar signals (DATASTAR_MAX_SIGNALS_BYTES)."
+        )
+    if request.content_length is not None:
+        body = request.get_data(cache=True)
+    else:
+        # A chunked body has no Content-Length: read one byte past the limit to tell.
+        body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise RequestEntityTooLarge(
+            f"The request body is larger than the limit of {limit} bytes for Datastar signals"
+            " (DATASTAR_MAX_SIGNALS_BYTES)."
+        )
+    if not body.strip():
+        return {}
+    return _parse(body, "the request body")

@@ -1,0 +1,636 @@
+"""One Server-Sent Event stream: the ``gen`` object, its life cycle and ``with_sse``.
+
+A :class:`Stream` lives inside the response iterator that the WSGI server
+runs on its own thread (the *owner* thread; under gunicorn gthread, one pool
+thread). The handler runs on that thread too, one step at a time: it sends
+with ``gen.patch_elements(...)`` and pauses with ``yield gen.sleep(seconds)``,
+during which events sent from other threads (broadcasts) still reach the
+client at once. No extra thread is started per stream.
+
+The life of a stream:
+
+1. ``on_connect(gen)`` runs; what it sends (and any broadcast that reaches the
+   stream from then on) is buffered.
+2. The first chunk goes out through the server, with the headers: what was
+   buffered, or a comment line.
+3. The stream takes its transport: the direct socket path where the framing is
+   known (gunicorn, plain HTTP/1.1), the portable queue path elsewhere
+   (see :mod:`flask_datastar.transport`).
+4. The handler runs; a heartbeat comment is written whenever nothing else was
+   sent for ``heartbeat`` seconds.
+5. The stream ends when the handler returns or raises, the client leaves, or
+   :meth:`Stream.close` is called; ``on_disconnect(gen)`` then runs exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+from .sse import (
+    ElementPatchMode,
+    ElementPatchNamespace,
+    Elements,
+    ServerSentEventGenerator,
+    Signals,
+    comment,
+)
+from .transport import (
+    Chunk,
+    QueueTransport,
+    SocketTransport,
+    SocketWatcher,
+    TransportClosed,
+    direct_socket,
+)
+
+if TYPE_CHECKING:
+    from .registry import SSERegistry
+
+__all__ = [
+    "Sleep",
+    "Stream",
+    "StreamClosed",
+    "StreamConfig",
+    "close_all_streams",
+    "open_streams",
+    "with_sse",
+]
+
+log = logging.getLogger("flask_datastar")
+
+Hook = Callable[["Stream"], object]
+#: What a handler may yield: an event to send, a pause, or ``None`` (a checkpoint).
+HandlerItem = Union[str, bytes, "Sleep", None]  # noqa: UP007 (a forward reference)
+Handler = Callable[["Stream"], Iterable[HandlerItem] | None]
+
+_HEARTBEAT = Chunk(comment())
+
+
+class StreamClosed(ConnectionError):
+    """Raised when sending on a stream that has ended.
+
+    Inside a handler it needs no catching: the stream ends quietly.
+    """
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The settings a stream runs with (``DATASTAR_*`` keys, read once by the extension).
+
+    :param heartbeat: seconds of silence after which a comment line is sent;
+        ``0`` turns heartbeats off.
+    :param max_backlog: bytes that may wait for a client that does not read
+        before its stream is ended.
+    :param direct_writes: allow the direct socket path where it is safe.
+    :param send_timeout: seconds the stream's own thread waits for a slow
+        client to take a large event, and for the backlog at a normal end.
+    """
+
+    heartbeat: float = 15.0
+    max_backlog: int = 64 * 1024
+    direct_writes: bool = True
+    send_timeout: float = 30.0
+
+
+class Sleep:
+    """A pause in a handler, returned by :meth:`Stream.sleep` and yielded by the handler."""
+
+    __slots__ = ("seconds", "_stream")
+
+    def __init__(self, seconds: float | None, stream: Stream) -> None:
+        self.seconds = seconds
+        self._stream = stream
+
+    def __repr__(self) -> str:
+        return f"<Sleep {self.seconds!r}>"
+
+
+_local = threading.local()
+_open: weakref.WeakSet[Stream] = weakref.WeakSet()
+_open_lock = threading.Lock()
+
+
+def open_streams() -> list[Stream]:
+    """Return the streams open in this process."""
+    with _open_lock:
+        return list(_open)
+
+
+def close_all_streams(reconnect: bool = True, spread: float = 0.0) -> int:
+    """End every stream open in this process, for a server shutting down.
+
+    :param reconnect: end them so the clients reconnect (to another worker or
+        to the restarted server) instead of ending cleanly.
+    :param spread: with *reconnect*, give each client a random retry delay of
+        up to this many seconds first, so they do not all come back at once.
+    :return: the number of streams ended.
+    """
+    streams = open_streams()
+    for stream in streams:
+        if reconnect and spread > 0:
+            delay = int(1000 + random.random() * spread * 1000)
+            try:
+                stream.send(f"retry: {delay}\n\n")
+            except StreamClosed:
+                continue
+        stream.close(reconnect=reconnect)
+    return len(streams)
+
+
+class Stream:
+    """One client's event stream: the ``gen`` that handlers and hooks receive.
+
+    Every sending method may be called from any thread; events on one stream
+    keep the order in which the calls were made. Sending on a stream that
+    has ended raises :class:`StreamClosed`.
+
+    Streams are made by :func:`~flask_datastar.sse_response` and the
+    decorators, not directly.
+    """
+
+    def __init__(
+        self,
+        environ: Mapping[str, Any],
+        config: StreamConfig | None = None,
+        on_connect: Hook | None = None,
+        on_disconnect: Hook | None = None,
+    ) -> None:
+        self.environ = environ
+        self.config = config or StreamConfig()
+        #: The key this stream was registered under, for unicast.
+        self.key: Any = None
+        self._on_connect = [on_connect] if on_connect else []
+        self._on_disconnect = [on_disconnect] if on_disconnect else []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._transport: QueueTransport | SocketTransport = QueueTransport(self.config.max_backlog)
+        self._path = "pending"
+        self._closed = False
+        self._abort = False
+        self._close_reason = ""
+        self._disconnected = False
+        self._owner: int | None = None
+        self._last_write = time.monotonic()
+        self._pending_sleep: Sleep | None = None
+        self._server_response: object = None
+        self._registries: weakref.WeakSet[SSERegistry] = weakref.WeakSet()
+        self.sent_events = 0
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._close_reason}" if self._closed else "open"
+        return f"<Stream {self.environ.get('PATH_INFO', '')!r} {self._path} {state}>"
+
+    # -- what the application sees ------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """How events reach this client: ``"direct"``, ``"queue"``, or ``"pending"`` before
+        the first chunk is out."""
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream has ended."""
+        return self._closed
+
+    @property
+    def close_reason(self) -> str:
+        """Why the stream ended, for logs; empty while it is open."""
+        return self._close_reason
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The ``Last-Event-ID`` the client sent when it reconnected, if any."""
+        value = self.environ.get("HTTP_LAST_EVENT_ID")
+        return str(value) if value is not None else None
+
+    def send(self, event: str | bytes | Chunk) -> None:
+        """Send one complete event (text ending in a blank line), as built by :class:`SSE`.
+
+        :param event: the event text, or a :class:`~flask_datastar.transport.Chunk`.
+        :raises StreamClosed: the stream has ended.
+        """
+        chunk = event if isinstance(event, Chunk) else Chunk(event)
+        owner = threading.get_ident() == self._owner
+        with self._cond:
+            self._write_locked(chunk, owner)
+        if owner and self._transport.direct and self._transport.pending() > self.config.max_backlog:
+            self._drain_owner()
+
+    def patch_elements(
+        self,
+        elements: Elements | None = None,
+        selector: str | None = None,
+        mode: ElementPatchMode | str | None = None,
+        use_view_transition: bool | None = None,
+        view_transition_selector: str | None = None,
+        namespace: ElementPatchNamespace | str | None = None,
+        event_id: str | None = None,
+        retry_duration: int | None = None,
+    ) -> None:
+        """Send a ``datastar-patch-elements`` event; see :meth:`SSE.patch_elements`."""
+        self.send(
+            ServerSentEventGenerator.patch_elements(
+                elements,
+                selector=selector,
+                mode=mode,
+                use_view_transition=use_view_transition,
+                view_transition_selector=view_transition_selector,
+                namespace=namespace,
+                event_id=event_id,
+                retry_duration=retry_duration,
+            )
+        )
+
+    def remove_elements(
+        self, selector: str, event_id: str | None = None, retry_duration: int | None = None
+    ) -> None:
+        """Remove the elements matching *selector*; see :meth:`SSE.remove_elements`."""
+        self.send(ServerSentEventGenerator.remove_elements(selector, event_id, retry_duration))
+
+    def patch_signals(
+        self,
+        signals: Signals,
+        event_id: str | None = None,
+        only_if_missing: bool | None = None,
+        retry_duration: int | None = None,
+    ) -> None:
+        """Send a ``datastar-patch-signals`` event; see :meth:`SSE.patch_signals`."""
+        self.send(
+            ServerSentEventGenerator.patch_signals(
+                signals,
+                event_id=event_id,
+                only_if_missing=only_if_missing,
+                retry_duration=retry_duration,
+            )
+        )
+
+    def execute_script(
+        self,
+        script: str,
+        auto_remove: bool = True,
+        attributes: Mapping[str, str] | Sequence[str] | None = None,
+        event_id: str | None = None,
+        retry_duration: int | None = None,
+    ) -> None:
+        """Run *script* in the browser; see :meth:`SSE.execute_script`."""
+        self.send(
+            ServerSentEventGenerator.execute_script(
+                script, auto_remove, attributes, event_id, retry_duration
+            )
+        )
+
+    def redirect(self, location: str) -> None:
+        """Send the browser to *location*; see :meth:`SSE.redirect`."""
+        self.send(ServerSentEventGenerator.redirect(location))
+
+    def console_log(self, message: str) -> None:
+        """Write *message* to the browser's console; see :meth:`SSE.console_log`."""
+        self.send(ServerSentEventGenerator.console_log(message))
+
+    def console_error(self, message: str) -> None:
+        """Write *message* to the browser's console as an error."""
+        self.send(ServerSentEventGenerator.console_error(message))
+
+    def sleep(self, seconds: float | None = None) -> Sleep:
+        """Return a pause for the handler to yield: ``yield gen.sleep(1)``.
+
+        While the handler sleeps, events from other threads are delivered and
+        heartbeats are sent. ``None`` sleeps until the stream ends.
+
+        :param seconds: how long to pause.
+        """
+        if self._pending_sleep is not None:
+            self._pending_sleep = None
+            raise RuntimeError(
+                "'gen.sleep()' only pauses when it is yielded: write 'yield gen.sleep(1)'."
+            )
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"Cannot sleep for a negative time ({seconds}).")
+        pause = Sleep(seconds, self)
+        self._pending_sleep = pause
+        return pause
+
+    def close(self, reconnect: bool = False) -> None:
+        """End the stream from any thread.
+
+        :param reconnect: end it abruptly, so that the client reconnects (the
+            Datastar client does not reopen a stream that ended cleanly).
+        """
+        self._end("closed by the server", abort=reconnect)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the stream has ended; return whether it has.
+
+        :param timeout: seconds to wait at most.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._disconnected, timeout)
+
+    # -- used by the registry and the socket watcher ------------------------------
+
+    def _write_locked(self, chunk: Chunk, owner: bool) -> None:
+        if self._closed:
+            raise StreamClosed(f"The stream has ended ({self._close_reason}).")
+        transport = self._transport
+        try:
+            if isinstance(transport, QueueTransport) and owner:
+                # The owner's own events wait only until its next yield: never refuse them.
+                transport.write_unbounded(chunk)
+            else:
+                transport.write(chunk)
+        except TransportClosed as e:
+            self._end_locked(str(e), abort=True)
+            raise StreamClosed(f"The stream has ended ({e})") from None
+        self._last_write = time.monotonic()
+        self.sent_events += 1
+        if not transport.direct:
+            self._cond.notify_all()
+
+    def _drain_owner(self) -> None:
+        transport = self._transport
+        assert isinstance(transport, SocketTransport)
+        deadline = time.monotonic() + self.config.send_timeout
+        while True:
+            with self._cond:
+                if self._closed:
+                    raise StreamClosed(f"The stream has ended ({self._close_reason}).")
+                try:
+                    if transport.flush():
+                        return
+                except TransportClosed as e:
+                    self._end_locked(str(e), abort=True)
+                    raise StreamClosed(str(e)) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._end(f"the client took no data for {self.config.send_timeout} s", abort=True)
+                raise StreamClosed(self._close_reason)
+            import select
+
+            select.select([], [transport.sock], [], min(left, 1.0))
+
+    def _peer_gone(self, reason: str) -> None:
+        self._end(reason, abort=True)
+
+    def _socket_writable(self) -> None:
+        with self._cond:
+            transport = self._transport
+            if self._closed or not isinstance(transport, SocketTransport):
+                return
+            try:
+                transport.flush()
+            except TransportClosed as e:
+                self._end_locked(str(e), abort=True)
+
+    def _end(self, reason: str, abort: bool) -> None:
+        with self._cond:
+            self._end_locked(reason, abort)
+
+    def _end_locked(self, reason: str, abort: bool) -> None:
+        if not self._closed:
+            self._closed = True
+            self._abort = abort
+            self._close_reason = reason
+        elif abort:
+            self._abort = True
+        self._cond.notify_all()
+
+    # -- the owner thread ---------------------------------------------------------
+
+    def _connect(self) -> None:
+        with _open_lock:
+            _open.add(self)
+        self._owner = threading.get_ident()
+        for hook in self._on_connect:
+            hook(self)
+
+    def _add_hooks(self, on_connect: Hook | None, on_disconnect: Hook | None) -> None:
+        if on_disconnect is not None:
+            self._on_disconnect.append(on_disconnect)
+        if on_connect is not None:
+            self._on_connect.append(on_connect)
+            on_connect(self)
+
+    def _disconnect(self) -> None:
+        with self._cond:
+            if self._disconnected:
+                return
+        try:
+            for hook in reversed(self._on_disconnect):
+                try:
+                    hook(self)
+                except Exception:
+                    log.exception("flask_datastar: error in an on_disconnect hook")
+            for registry in list(self._registries):
+                registry.unregister(self)
+        finally:
+            with self._cond:
+                self._disconnected = True
+                self._cond.notify_all()
+            with _open_lock:
+                _open.discard(self)
+
+    def _take_direct_path(self) -> None:
+        sock = None
+        if self.config.direct_writes:
+            sock = direct_socket(self.environ, self._server_response)
+        with self._cond:
+            if sock is None or self._closed:
+                self._path = "queue"
+                return
+            waiting = self._transport
+            assert isinstance(waiting, QueueTransport)
+            watcher = SocketWatcher.get()
+            transport = SocketTransport(
+                sock,
+                self.config.max_backlog,
+                on_backlog=lambda wanted: watcher.want_write(sock, wanted),
+            )
+            self._transport = transport
+            self._path = "direct"
+            watcher.add(sock, self)
+            data = waiting.take()
+            if data:
+                try:
+                    transport.write(Chunk(data))
+                except TransportClosed as e:
+                    self._end_locked(str(e), abort=True)
+
+    def _abort_connection(self) -> None:
+        """Cut the connection so the client sees an abrupt end and reconnects."""
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _run(self, handler: Handler) -> Iterator[bytes]:
+        """The response iterator: drive *handler* and hand bytes to the server."""
+        handler_iter: Iterator[HandlerItem] | None = None
+        try:
+            self._connect()
+            with self._cond:
+                pending = self._transport
+                first = pending.take() if isinstance(pending, QueueTransport) else b""
+            # The headers leave with the first non-empty chunk: never make the client wait.
+            yield first or _HEARTBEAT.data
+            self._last_write = time.monotonic()
+            self._take_direct_path()
+            handler_iter, result = self._start(handler)
+            if handler_iter is None and not result:
+                self._end("the handler returned", abort=False)
+            yield from self._loop(handler_iter)
+        except GeneratorExit:
+            self._end("the server closed the response", abort=False)
+            raise
+        except BaseException as e:
+            self._end(f"the handler raised {type(e).__name__}", abort=True)
+            raise
+        finally:
+            try:
+                if handler_iter is not None and hasattr(handler_iter, "close"):
+                    self._step(handler_iter.close)
+            finally:
+                self._finish()
+
+    def _start(self, handler: Handler) -> tuple[Iterator[HandlerItem] | None, bool]:
+        try:
+            result = self._step(lambda: handler(self))
+        except StreamClosed:
+            return None, False
+        if result is None:
+            return None, False
+        if isinstance(result, (str, bytes)):
+            self.send(result)
+            return None, False
+        return iter(result), True
+
+    def _step(self, fn: Callable[[], Any]) -> Any:
+        previous = getattr(_local, "stream", None)
+        _local.stream = self
+        try:
+            return fn()
+        finally:
+            _local.stream = previous
+
+    def _loop(self, handler_iter: Iterator[HandlerItem] | None) -> Iterator[bytes]:
+        wake_at = time.monotonic()
+        steps = handler_iter
+        heartbeat = self.config.heartbeat
+        while True:
+            if steps is not None and not self._closed and time.monotonic() >= wake_at:
+                try:
+                    item = self._step(functools.partial(next, steps))
+                except StopIteration:
+                    steps = None
+                    self._end("the handler returned", abort=False)
+                    item = None
+                except StreamClosed:
+                    steps = None
+                    item = None
+                if isinstance(item, Sleep):
+                    self._pending_sleep = None
+                    wake_at = (
+                        float("inf") if item.seconds is None else time.monotonic() + item.seconds
+                    )
+                elif isinstance(item, (str, bytes)):
+                    try:
+                        self.send(item)
+                    except StreamClosed:
+                        pass
+                elif item is not None:
+                    raise TypeError(
+                        f"A stream handler yielded {type(item).__name__}; yield events"
+                        " (str or bytes) or 'gen.sleep(seconds)'."
+                    )
+            with self._cond:
+                data = b""
+                if isinstance(self._transport, QueueTransport):
+                    data = self._transport.take()
+                if not data and not self._closed:
+                    now = time.monotonic()
+                    due = wake_at if steps is not None else float("inf")
+                    if heartbeat > 0:
+                        due = min(due, self._last_write + heartbeat)
+                    if due > now:
+                        self._cond.wait(min(due - now, 3600.0))
+                        if isinstance(self._transport, QueueTransport):
+                            data = self._transport.take()
+            if data:
+                # The server writes it; a failed write closes this generator.
+                yield data
+                continue
+            if self._closed:
+                return
+            if heartbeat > 0 and time.monotonic() - self._last_write >= heartbeat:
+                try:
+                    self.send(_HEARTBEAT)
+                except StreamClosed:
+                    pass
+
+    def _finish(self) -> None:
+        try:
+            transport = self._transport
+            if isinstance(transport, SocketTransport):
+                SocketWatcher.get().remove(transport.sock)
+                clean = not self._abort and transport.flush_blocking(self.config.send_timeout)
+                if not clean:
+                    # A partial chunk may be on the wire: the response must not look
+                    # complete, so gunicorn's terminating chunk must fail.
+                    self._abort = True
+            if self._abort:
+                self._abort_connection()
+        finally:
+            self._disconnect()
+
+
+def current_stream() -> Stream:
+    """Return the stream whose handler is running on this thread.
+
+    :raises RuntimeError: no stream handler is running here.
+    """
+    stream: Stream | None = getattr(_local, "stream", None)
+    if stream is None:
+        raise RuntimeError(
+            "'with_sse' needs a running stream: use it inside a generator passed to"
+            " 'sse_response' or returned by a view decorated with '@datastar_response'."
+        )
+    return stream
+
+
+@contextmanager
+def with_sse(
+    on_connect: Hook | None = None, on_disconnect: Hook | None = None
+) -> Generator[Stream, None, None]:
+    """Give the current stream's handler its ``gen``, with lifecycle hooks.
+
+    As datastar-cl's ``with-sse``: ``on_connect(gen)`` runs on entering, before
+    the handler sends anything; ``on_disconnect(gen)`` runs exactly once when
+    the stream ends for any reason (the client left, the handler returned or
+    raised, the server shut down)::
+
+        @app.get("/sse")
+        @datastar_response
+        def sse():
+            with with_sse(on_connect=clients.register) as gen:
+                while True:
+                    gen.patch_elements(render_content())
+                    yield gen.sleep(1)
+
+    :param on_connect: called with the stream when it opens.
+    :param on_disconnect: called with the stream when it ends.
+    """
+    gen = current_stream()
+    gen._add_hooks(on_connect, on_disconnect)
+    yield gen

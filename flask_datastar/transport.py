@@ -1,0 +1,353 @@
+"""How bytes reach a client: the direct socket path and the portable queue path.
+
+Nothing here knows Flask or Datastar; a stream owns one transport at a time and
+calls it under the stream's lock.
+
+- :class:`QueueTransport`, the portable path: events wait in a bounded buffer
+  that the stream's own thread hands to the WSGI server. It works on every
+  server, TLS and HTTP/1.0 included.
+- :class:`SocketTransport`, the direct path: once the server has sent the
+  headers and the first chunk, events are framed as HTTP/1.1 chunks and
+  written straight to the client socket with non-blocking sends, from
+  whichever thread sends them. No stream thread wakes for a broadcast, and a
+  client that stops reading costs one failed non-blocking send per event until
+  its bounded backlog overflows and the stream is ended.
+- :class:`SocketWatcher`, one thread per process that watches every direct
+  socket with epoll: a client's FIN ends its stream at once, and a backlog is
+  flushed as soon as its socket is writable again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+__all__ = [
+    "Chunk",
+    "QueueTransport",
+    "SocketTransport",
+    "SocketWatcher",
+    "TransportClosed",
+    "direct_socket",
+]
+
+log = logging.getLogger("flask_datastar")
+
+
+class TransportClosed(ConnectionError):
+    """Raised by a write on a transport that can no longer reach its client."""
+
+
+class Chunk:
+    """One event's bytes, encoded once and framed as an HTTP/1.1 chunk at most once.
+
+    A broadcast builds one ``Chunk`` and writes it to every stream, so the
+    encoding and the framing are paid once, whatever the number of clients.
+    """
+
+    __slots__ = ("data", "_framed")
+
+    def __init__(self, data: bytes | str) -> None:
+        self.data = data.encode("utf-8") if isinstance(data, str) else data
+        self._framed: bytes | None = None
+
+    @property
+    def framed(self) -> bytes:
+        """The data as one chunk of HTTP/1.1 chunked transfer encoding."""
+        if self._framed is None:
+            # Exactly what gunicorn's own Response.write() puts on the wire.
+            self._framed = b"%X\r\n%s\r\n" % (len(self.data), self.data)
+        return self._framed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class Transport(Protocol):
+    """What a stream needs of the way its bytes travel."""
+
+    direct: bool
+
+    def write(self, chunk: Chunk) -> None: ...
+
+    def pending(self) -> int: ...
+
+
+class QueueTransport:
+    """The portable path: a bounded buffer drained by the stream's own thread.
+
+    :param max_bytes: the most bytes that may wait; a write past it raises
+        :class:`TransportClosed`, which ends the stream.
+    """
+
+    direct = False
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, chunk: Chunk) -> None:
+        if self._size + len(chunk.data) > self.max_bytes:
+            raise TransportClosed(
+                f"The client is not reading: more than {self.max_bytes} bytes are waiting."
+            )
+        self.write_unbounded(chunk)
+
+    def write_unbounded(self, chunk: Chunk) -> None:
+        """Buffer *chunk* whatever the size (for the stream's own thread, which drains it)."""
+        self._parts.append(chunk.data)
+        self._size += len(chunk.data)
+
+    def pending(self) -> int:
+        return self._size
+
+    def take(self) -> bytes:
+        """Remove and return everything waiting, as one body chunk."""
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        return data
+
+
+class SocketTransport:
+    """The direct path: chunks written straight to the client socket, never waiting.
+
+    :param sock: the client socket, whose headers and first chunk the server
+        has already sent.
+    :param max_backlog: the most bytes kept for a client whose socket buffer is
+        full; past it the transport is closed.
+    :param on_backlog: called with ``True`` when a backlog appears and
+        ``False`` when it is gone, so that the watcher asks for writability.
+    """
+
+    direct = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_backlog: int,
+        on_backlog: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.max_backlog = max_backlog
+        self._backlog = bytearray()
+        self._on_backlog = on_backlog
+        self.closed = False
+
+    def pending(self) -> int:
+        return len(self._backlog)
+
+    def write(self, chunk: Chunk) -> None:
+        self.write_bytes(chunk.framed)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Send already framed bytes, keeping what does not fit in the backlog."""
+        if self.closed:
+            raise TransportClosed("The client connection is closed.")
+        if self._backlog:
+            self._backlog += data
+            self.flush()
+            if len(self._backlog) > self.max_backlog:
+                self.closed = True
+                raise TransportClosed(
+                    f"The client is not reading: its backlog is over {self.max_backlog} bytes."
+                )
+            return
+        sent = self._send(data)
+        if sent < len(data):
+            self._backlog += data[sent:]
+            if self._on_backlog is not None:
+                self._on_backlog(True)
+
+    def flush(self) -> bool:
+        """Send as much of the backlog as the socket takes; return whether it is empty."""
+        if self._backlog and not self.closed:
+            sent = self._send(self._backlog)
+            del self._backlog[:sent]
+            if not self._backlog and self._on_backlog is not None:
+                self._on_backlog(False)
+        return not self._backlog
+
+    def _send(self, data: bytes | bytearray) -> int:
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            self.closed = True
+            raise TransportClosed(f"The client connection failed: {e}.") from e
+
+    def flush_blocking(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the backlog to drain (a stream's normal end)."""
+        deadline = time.monotonic() + timeout
+        while not self.closed and not self.flush():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [self.sock], [], left)
+        return not self.closed
+
+
+def _header(headers: Any, name: str) -> bool:
+    return any(str(key).lower() == name for key, _ in headers)
+
+
+def direct_socket(environ: Mapping[str, Any], server_response: object) -> socket.socket | None:
+    """Return the client socket when the direct path is safe for this response, else ``None``.
+
+    The direct path writes HTTP/1.1 chunks behind the server's back, so it is
+    taken only where that framing is certain: gunicorn, a plain TCP socket in
+    blocking mode, HTTP/1.1, a chunked response (as gunicorn's own response
+    object reports it) without ``Content-Length`` or ``Content-Encoding``, not
+    ``HEAD``. A WSGI middleware that wraps ``start_response`` hides gunicorn's
+    response object and so turns the direct path off; one that rewrites the
+    body without touching the headers cannot be seen, and must not be used
+    with the direct path (set ``DATASTAR_DIRECT_WRITES = False``).
+
+    :param environ: the WSGI environ of the request.
+    :param server_response: the object ``start_response`` is bound to.
+    """
+    sock = environ.get("gunicorn.socket")
+    # gevent and eventlet sockets are not socket.socket; TLS needs its own framing.
+    if type(sock) is not socket.socket or isinstance(sock, ssl.SSLSocket):
+        return None
+    if sock.gettimeout() is not None:
+        return None
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1" or environ.get("REQUEST_METHOD") == "HEAD":
+        return None
+    try:
+        from gunicorn.http.wsgi import Response as GunicornResponse  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - "gunicorn.socket" implies gunicorn
+        return None
+    if not isinstance(server_response, GunicornResponse):
+        return None
+    if not getattr(server_response, "chunked", False) or not server_response.headers_sent:
+        return None
+    headers = server_response.headers
+    if _header(headers, "content-length") or _header(headers, "content-encoding"):
+        return None
+    return sock
+
+
+class _Watched(Protocol):
+    def _peer_gone(self, reason: str) -> None: ...
+
+    def _socket_writable(self) -> None: ...
+
+
+class SocketWatcher:
+    """One thread per process watching every direct socket with epoll.
+
+    Readable with ``recv(MSG_PEEK)`` returning ``b""`` means the client sent
+    FIN: its stream ends at once instead of at the next failed write. A client
+    that sends bytes is pipelining; it is no longer watched for reading.
+    """
+
+    _instance: SocketWatcher | None = None
+    _instance_lock = threading.Lock()
+
+    IN = select.EPOLLIN | select.EPOLLRDHUP
+    OUT = select.EPOLLOUT
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[socket.socket, _Watched, int]] = {}
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._run, name="flask_datastar-socket-watcher", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> SocketWatcher:
+        """Return this process's watcher, starting it on first use (and after a fork)."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+    def add(self, sock: socket.socket, owner: _Watched) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            self._watched[fd] = (sock, owner, self.IN)
+            self._epoll.register(fd, self.IN)
+
+    def want_write(self, sock: socket.socket, wanted: bool) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            entry = self._watched.get(fd)
+            if entry is None:
+                return
+            mask = (entry[2] | self.OUT) if wanted else (entry[2] & ~self.OUT)
+            if mask != entry[2]:
+                self._watched[fd] = (entry[0], entry[1], mask)
+                self._epoll.modify(fd, mask)
+
+    def remove(self, sock: socket.socket) -> None:
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return
+        with self._lock:
+            if self._watched.pop(fd, None) is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll(1.0)
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                with self._lock:
+                    entry = self._watched.get(fd)
+                if entry is None:
+                    continue
+                try:
+                    self._handle(fd, mask, entry)
+                except Exception:  # the watcher must outlive any one stream
+                    log.exception("flask_datastar: error while watching a client socket")
+
+    def _handle(self, fd: int, mask: int, entry: tuple[socket.socket, _Watched, int]) -> None:
+        sock, owner, _ = entry
+        if mask & (select.EPOLLERR | select.EPOLLHUP):
+            self.remove(sock)
+            owner._peer_gone("the connection was reset")
+            return
+        if mask & self.OUT:
+            owner._socket_writable()
+        if mask & (select.EPOLLIN | select.EPOLLRDHUP):
+            try:
+                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.remove(sock)
+                owner._peer_gone(f"the connection failed ({errno.errorcode.get(e.errno or 0, e)})")
+                return
+            if data == b"":
+                self.remove(sock)
+                owner._peer_gone("the client closed the connection")
+            else:
+                with self._lock:
+                    current = self._watched.get(fd)
+                    if current is not None:
+                        mask = current[2] & ~self.IN
+                        self._watched[fd] = (current[0], current[1], mask)
+                        self._epoll.modify(fd, mask)
