@@ -1,0 +1,1 @@
+"""Tests of flask_datastar; ``tests.helpers`` holds the shared test infrastructure."""

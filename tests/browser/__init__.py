@@ -1,0 +1,1 @@
+"""End-to-end tests: the examples served by a real gunicorn, driven by headless Chromium."""

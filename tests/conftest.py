@@ -1,0 +1,41 @@
+"""Fixtures shared by all test modules; the servers and tools live in ``tests.helpers``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_datastar import FlaskDatastar
+from tests.helpers import RedisServer, datastar_js
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free loopback port, stopped after the test."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def datastar_js_file() -> Path:
+    """The Datastar client script for browser tests, downloaded once and cached."""
+    return datastar_js()
+
+
+@pytest.fixture
+def app() -> Flask:
+    """A fresh Flask app with the extension registered, in testing mode."""
+    app = Flask(__name__)
+    app.config.update(TESTING=True, DATASTAR_HEARTBEAT=0.2)
+    FlaskDatastar(app)
+    return app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """The Flask test client of ``app``."""
+    return app.test_client()

@@ -1,0 +1,1 @@
+"""Small WSGI applications that the live tests serve with a real gunicorn."""

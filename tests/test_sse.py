@@ -1,0 +1,323 @@
+"""Byte-exact tests of the wire format (flask_datastar.sse), with no Flask app."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from markupsafe import Markup
+
+from flask_datastar.sse import (
+    SSE,
+    SSE_HEADERS,
+    DatastarEvent,
+    ElementPatchMode,
+    ElementPatchNamespace,
+    ServerSentEventGenerator,
+    comment,
+    js_string,
+)
+
+
+def test_alias_and_headers() -> None:
+    assert SSE is ServerSentEventGenerator
+    assert SSE_HEADERS == {
+        "Cache-Control": "no-cache",
+        "Content-Type": "text/event-stream",
+        "X-Accel-Buffering": "no",
+    }
+    # PEP 3333 forbids hop-by-hop headers; gunicorn would drop it anyway.
+    assert "Connection" not in SSE_HEADERS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"elements": '<div id="a">x</div>'},
+            'event: datastar-patch-elements\ndata: elements <div id="a">x</div>\n\n',
+        ),
+        (
+            {"elements": "<p>a</p>", "selector": "#b", "mode": "inner"},
+            "event: datastar-patch-elements\ndata: selector #b\ndata: mode inner\n"
+            "data: elements <p>a</p>\n\n",
+        ),
+        (
+            {"elements": "<p>a</p>", "mode": ElementPatchMode.OUTER},
+            "event: datastar-patch-elements\ndata: elements <p>a</p>\n\n",
+        ),
+        (
+            {"elements": "<p id=x></p>", "mode": "replace"},
+            "event: datastar-patch-elements\ndata: mode replace\ndata: elements <p id=x></p>\n\n",
+        ),
+        (
+            {"elements": "<i></i>", "selector": "#s", "use_view_transition": True},
+            "event: datastar-patch-elements\ndata: selector #s\ndata: useViewTransition true\n"
+            "data: elements <i></i>\n\n",
+        ),
+        (
+            {
+                "elements": "<i></i>",
+                "selector": "#s",
+                "use_view_transition": True,
+                "view_transition_selector": "#main",
+            },
+            "event: datastar-patch-elements\ndata: selector #s\ndata: useViewTransition true\n"
+            "data: viewTransitionSelector #main\ndata: elements <i></i>\n\n",
+        ),
+        (
+            # Without a view transition, its selector means nothing: left off.
+            {"elements": "<i id=i></i>", "view_transition_selector": "#main"},
+            "event: datastar-patch-elements\ndata: elements <i id=i></i>\n\n",
+        ),
+        (
+            {"elements": "<i id=i></i>", "use_view_transition": False},
+            "event: datastar-patch-elements\ndata: elements <i id=i></i>\n\n",
+        ),
+        (
+            {"elements": "<circle id=c r=1 />", "namespace": "svg"},
+            "event: datastar-patch-elements\ndata: namespace svg\n"
+            "data: elements <circle id=c r=1 />\n\n",
+        ),
+        (
+            {"elements": "<mi id=m>x</mi>", "namespace": ElementPatchNamespace.MATHML},
+            "event: datastar-patch-elements\ndata: namespace mathml\n"
+            "data: elements <mi id=m>x</mi>\n\n",
+        ),
+        (
+            {"elements": "<b id=b></b>", "namespace": "html"},
+            "event: datastar-patch-elements\ndata: elements <b id=b></b>\n\n",
+        ),
+        (
+            {"elements": "<b id=b></b>", "event_id": "42", "retry_duration": 3000},
+            "event: datastar-patch-elements\nid: 42\nretry: 3000\ndata: elements <b id=b></b>\n\n",
+        ),
+        (
+            # 1000 ms is the client's default: left off the wire.
+            {"elements": "<b id=b></b>", "retry_duration": 1000},
+            "event: datastar-patch-elements\ndata: elements <b id=b></b>\n\n",
+        ),
+        (
+            {"elements": "<b id=b></b>", "retry_duration": 0},
+            "event: datastar-patch-elements\nretry: 0\ndata: elements <b id=b></b>\n\n",
+        ),
+        (
+            {"selector": "#gone", "mode": "remove"},
+            "event: datastar-patch-elements\ndata: selector #gone\ndata: mode remove\n\n",
+        ),
+        (
+            {"elements": "<li>x</li>", "selector": "ul", "mode": "append"},
+            "event: datastar-patch-elements\ndata: selector ul\ndata: mode append\n"
+            "data: elements <li>x</li>\n\n",
+        ),
+    ],
+)
+def test_patch_elements(kwargs: dict[str, object], expected: str) -> None:
+    event = SSE.patch_elements(**kwargs)  # type: ignore[arg-type]
+    assert event == expected
+    assert isinstance(event, DatastarEvent)
+
+
+@pytest.mark.parametrize("mode", ["prepend", "append", "before", "after", "inner"])
+def test_every_mode_with_selector(mode: str) -> None:
+    event = SSE.patch_elements("<i></i>", selector="#t", mode=mode)
+    assert event == (
+        f"event: datastar-patch-elements\ndata: selector #t\ndata: mode {mode}\n"
+        "data: elements <i></i>\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("html", "lines"),
+    [
+        ("<a>\n</a>", ["<a>", "</a>"]),
+        ("<a>\r\n</a>", ["<a>", "</a>"]),
+        ("<a>\r</a>", ["<a>", "</a>"]),
+        ("<a>\n\n</a>", ["<a>", "", "</a>"]),
+        # Only CR, LF and CRLF end a line: U+2028, U+0085, form feed are text.
+        ("<a>\u2028\u0085\x0c</a>", ["<a>\u2028\u0085\x0c</a>"]),
+    ],
+)
+def test_elements_split_only_on_sse_newlines(html: str, lines: list[str]) -> None:
+    event = SSE.patch_elements(html, selector="#x", mode="inner")
+    body = "".join(f"data: elements {line}\n" for line in lines)
+    assert event == (
+        f"event: datastar-patch-elements\ndata: selector #x\ndata: mode inner\n{body}\n"
+    )
+
+
+def test_elements_accepts_html_objects() -> None:
+    html = Markup("<p id='m'>{}</p>").format("<b>")
+    assert SSE.patch_elements(html) == (
+        "event: datastar-patch-elements\ndata: elements <p id='m'>&lt;b&gt;</p>\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"elements": "<i></i>", "mode": "sideways"}, "Unknown patch mode 'sideways'"),
+        ({"elements": "<i></i>", "namespace": "xml"}, "Unknown namespace 'xml'"),
+        ({"elements": "<i></i>", "mode": "inner"}, "needs a 'selector'"),
+        ({"mode": "remove"}, "needs a 'selector'"),
+        ({"elements": "<i></i>", "selector": "#a\n#b"}, "must not contain a line break"),
+        ({"elements": "<i id=i></i>", "event_id": "1\r2"}, "must not contain a line break"),
+        ({"elements": "<i id=i></i>", "retry_duration": -1}, "must not be negative"),
+    ],
+)
+def test_patch_elements_rejects(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SSE.patch_elements(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [1.5, "100", True])
+def test_retry_duration_type(bad: object) -> None:
+    with pytest.raises(TypeError, match="retry_duration"):
+        SSE.patch_elements("<i id=i></i>", retry_duration=bad)  # type: ignore[arg-type]
+
+
+def test_elements_type_is_checked() -> None:
+    with pytest.raises(TypeError, match="'elements' must be a string"):
+        SSE.patch_elements(42)  # type: ignore[arg-type]
+
+
+def test_remove_elements() -> None:
+    assert SSE.remove_elements("#a, .b", event_id="7") == (
+        "event: datastar-patch-elements\nid: 7\ndata: selector #a, .b\ndata: mode remove\n\n"
+    )
+    with pytest.raises(ValueError, match="non-empty 'selector'"):
+        SSE.remove_elements("")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"signals": {"count": 1, "user": {"name": "Ada"}}},
+            'event: datastar-patch-signals\ndata: signals {"count":1,"user":{"name":"Ada"}}\n\n',
+        ),
+        (
+            # Key order is kept; None removes a signal (RFC 7386).
+            {"signals": {"z": None, "a": [1, 2]}},
+            'event: datastar-patch-signals\ndata: signals {"z":null,"a":[1,2]}\n\n',
+        ),
+        (
+            {"signals": {"a": 1}, "only_if_missing": True},
+            'event: datastar-patch-signals\ndata: onlyIfMissing true\ndata: signals {"a":1}\n\n',
+        ),
+        (
+            {"signals": {"a": 1}, "only_if_missing": False},
+            'event: datastar-patch-signals\ndata: signals {"a":1}\n\n',
+        ),
+        (
+            {"signals": '{\n  "a": 1,\n  "b": 2\n}'},
+            'event: datastar-patch-signals\ndata: signals {\ndata: signals   "a": 1,\n'
+            'data: signals   "b": 2\ndata: signals }\n\n',
+        ),
+        (
+            {"signals": {"msg": "line1\nline2"}, "event_id": "s1", "retry_duration": 500},
+            "event: datastar-patch-signals\nid: s1\nretry: 500\n"
+            'data: signals {"msg":"line1\\nline2"}\n\n',
+        ),
+        (
+            {"signals": {"text": "é\u2028"}},
+            'event: datastar-patch-signals\ndata: signals {"text":"é\u2028"}\n\n',
+        ),
+    ],
+)
+def test_patch_signals(kwargs: dict[str, object], expected: str) -> None:
+    assert SSE.patch_signals(**kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_patch_signals_rejects_other_types() -> None:
+    with pytest.raises(TypeError, match="mapping or a JSON string"):
+        SSE.patch_signals([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected_tag"),
+    [
+        ({"script": "go()"}, '<script data-effect="el.remove()">go()</script>'),
+        ({"script": "go()", "auto_remove": False}, "<script>go()</script>"),
+        (
+            {"script": "go()", "attributes": {"type": "module", "data-x": 'a"<b>'}},
+            '<script data-effect="el.remove()" type="module"'
+            ' data-x="a&#34;&lt;b&gt;">go()</script>',
+        ),
+        (
+            {"script": "go()", "auto_remove": False, "attributes": ['type="module"', "defer"]},
+            '<script type="module" defer>go()</script>',
+        ),
+    ],
+)
+def test_execute_script(kwargs: dict[str, object], expected_tag: str) -> None:
+    assert SSE.execute_script(**kwargs) == (  # type: ignore[arg-type]
+        "event: datastar-patch-elements\ndata: selector body\ndata: mode append\n"
+        f"data: elements {expected_tag}\n\n"
+    )
+
+
+def test_execute_script_multiline_and_options() -> None:
+    event = SSE.execute_script("a()\nb()", event_id="e", retry_duration=2000)
+    assert event == (
+        "event: datastar-patch-elements\nid: e\nretry: 2000\ndata: selector body\n"
+        'data: mode append\ndata: elements <script data-effect="el.remove()">a()\n'
+        "data: elements b()</script>\n\n"
+    )
+
+
+def test_execute_script_rejects_attribute_string() -> None:
+    with pytest.raises(TypeError, match="not a string"):
+        SSE.execute_script("x()", attributes='type="module"')
+
+
+def _script(event: str) -> str:
+    prefix = "data: elements "
+    lines = [line[len(prefix) :] for line in event.split("\n") if line.startswith(prefix)]
+    html = "\n".join(lines)
+    assert html.startswith('<script data-effect="el.remove()">') and html.endswith("</script>")
+    return html[len('<script data-effect="el.remove()">') : -len("</script>")]
+
+
+HOSTILE = [
+    "plain",
+    'it\'s "quoted"',
+    "</script><script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "line\nbreak\r\nand\rmore",
+    "back\\slash ` ${template}",
+    "\u2028\u2029 separators",
+    "&amp; entities &lt;",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_redirect_and_console_encode_their_argument(value: str) -> None:
+    for event, call in [
+        (SSE.redirect(value), "setTimeout(() => window.location.href = {})"),
+        (SSE.console_log(value), "console.log({})"),
+        (SSE.console_error(value), "console.error({})"),
+    ]:
+        code = _script(event)
+        literal = js_string(value)
+        assert code == call.format(literal)
+        # Nothing can close the script element, start a tag or break a line.
+        assert "<" not in code and ">" not in code.replace("=>", "")
+        assert "\n" not in code and "\r" not in code
+        # The literal decodes back to exactly the value.
+        assert json.loads(literal) == value
+
+
+def test_redirect_exact_bytes() -> None:
+    assert SSE.redirect("/next?a=1&b='2'") == (
+        "event: datastar-patch-elements\ndata: selector body\ndata: mode append\n"
+        'data: elements <script data-effect="el.remove()">setTimeout(() =>'
+        " window.location.href = \"/next?a=1\\u0026b='2'\")</script>\n\n"
+    )
+
+
+def test_comment() -> None:
+    assert comment() == ":\n\n"
+    assert comment("ping") == ": ping\n\n"
+    with pytest.raises(ValueError):
+        comment("a\nb")
