@@ -1,0 +1,115 @@
+"""A test app for the live tests: streams that report their process and path, a counter
+that broadcasts, one-shot streams, and a stats endpoint. Settings come from the
+environment (``FLASK_DATASTAR_*``, plus the ``TEST_*`` variables below)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Flask, jsonify, request
+
+from flask_datastar import SSE, FlaskDatastar, Stream, open_streams, sse_response
+
+app = Flask(__name__)
+app.config.from_prefixed_env()
+datastar = FlaskDatastar(app)
+clients = datastar.registry(app, "live")
+
+state = {"count": 0}
+state_lock = threading.Lock()
+disconnects: list[str] = []
+# A small send buffer makes a client that does not read fill it quickly.
+SNDBUF = int(os.environ.get("TEST_SNDBUF", "0"))
+
+
+def connect(gen: Stream) -> None:
+    sock = gen.environ.get("gunicorn.socket")
+    if SNDBUF and isinstance(sock, socket.socket):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    clients.register(gen, key=request.args.get("key"))
+
+
+@app.get("/sse")
+@datastar.sse(on_connect=connect, on_disconnect=lambda gen: disconnects.append(gen.close_reason))
+def sse(gen: Stream) -> Iterator[Any]:
+    with state_lock:
+        gen.patch_signals({"pid": os.getpid(), "path": gen.path, "count": state["count"]})
+    tick = float(request.args.get("tick", "0"))
+    n = 0
+    while True:
+        yield gen.sleep(tick or None)
+        n += 1
+        gen.patch_signals({"tick": n})
+
+
+@app.post("/click")
+def click() -> tuple[str, int]:
+    pad = "x" * int(request.args.get("pad", "0"))
+    with state_lock:
+        state["count"] += 1
+        event = SSE.patch_signals({"count": state["count"], "pad": pad})
+        clients.broadcast(event)
+    return "", 204
+
+
+@app.get("/oneshot")
+def oneshot() -> Any:
+    def handler(gen: Stream) -> None:
+        gen.patch_signals({"path": gen.path})
+        for i in range(3):
+            gen.patch_elements(f'<p id="n{i}">{i}</p>')
+
+    return sse_response(handler)
+
+
+@app.get("/stats")
+def stats() -> Any:
+    return jsonify(
+        pid=os.getpid(),
+        registered=len(clients),
+        open=len(open_streams()),
+        disconnects=disconnects,
+        threads=threading.active_count(),
+        thread_names=sorted(t.name for t in threading.enumerate()),
+    )
+
+
+class GzipPerEvent:
+    """A compressing middleware that flushes after every body item, as a stream needs.
+
+    It adds ``Content-Encoding`` by wrapping ``start_response``, which is what must turn
+    the direct socket path off.
+    """
+
+    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Encoding", "gzip"))
+            return start_response(status, headers, exc_info)
+
+        body = self.wsgi_app(environ, start)
+        compressor = zlib.compressobj(wbits=31)
+
+        def compressed() -> Iterator[bytes]:
+            try:
+                for item in body:
+                    yield compressor.compress(item) + compressor.flush(zlib.Z_SYNC_FLUSH)
+                yield compressor.flush()
+            finally:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+
+        return compressed()
+
+
+if os.environ.get("TEST_GZIP") == "1":
+    app.wsgi_app = GzipPerEvent(app.wsgi_app)  # type: ignore[method-assign]
