@@ -1,4 +1,10 @@
-"""Server hooks for ``gunicorn.conf.py``: end streams promptly when a worker stops.
+"""Server hooks for ``gunicorn.conf.py``: admission control, and a prompt drain on stop.
+
+Under gthread every open stream holds one of the worker's ``--threads`` for
+its whole life; when all of them are taken, POST commands queue behind the
+streams forever. :func:`post_worker_init` therefore caps the streams of each
+worker at ``--threads`` less a reserve (a tenth, at least two), unless
+``DATASTAR_MAX_STREAMS`` says otherwise; a stream over the cap gets a 503.
 
 gunicorn runs no hook in a worker on SIGTERM; it stops accepting and waits up
 to ``--graceful-timeout`` for open connections, so every stream would hold
@@ -15,16 +21,23 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .stream import close_all_streams
+from .stream import close_all_streams, set_process_stream_limit
 
-__all__ = ["DRAIN_SPREAD", "post_worker_init", "worker_exit"]
+__all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "worker_exit"]
 
 #: The longest random retry delay (seconds) given to clients of a stopping worker.
 DRAIN_SPREAD = 5.0
 
 
+def reserved_threads(threads: int) -> int:
+    """Return how many of a worker's *threads* are kept for requests other than streams."""
+    return min(threads - 1, max(2, threads // 10)) if threads > 1 else 0
+
+
 def post_worker_init(worker: Any) -> None:
-    """Watch ``worker.alive`` and end every stream when the worker starts to stop."""
+    """Cap the worker's streams, and end them all as soon as the worker starts to stop."""
+    threads = int(getattr(worker.cfg, "threads", 1) or 1)
+    set_process_stream_limit(max(1, threads - reserved_threads(threads)))
 
     def watch() -> None:
         while worker.alive:

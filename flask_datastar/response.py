@@ -10,7 +10,7 @@ from flask import Response, current_app, has_request_context, request, stream_wi
 from werkzeug.exceptions import ServiceUnavailable
 
 from .sse import SSE_HEADERS
-from .stream import Handler, Hook, Stream, StreamConfig, open_streams
+from .stream import Handler, Hook, Stream, StreamConfig, open_streams, process_stream_limit
 
 __all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
 
@@ -21,8 +21,9 @@ Content = str | bytes | Iterable[Any] | None
 def _settings() -> tuple[StreamConfig, int | None]:
     state = current_app.extensions.get("datastar") if has_request_context() else None
     if state is None:
-        return StreamConfig(), None
-    return state.stream_config, state.config.max_streams
+        return StreamConfig(), process_stream_limit()
+    limit = state.config.max_streams
+    return state.stream_config, process_stream_limit() if limit is None else limit
 
 
 class DatastarResponse(Response):
@@ -82,8 +83,9 @@ class DatastarResponse(Response):
         config, max_streams = _settings()
         if max_streams is not None and len(open_streams()) >= max_streams:
             raise ServiceUnavailable(
-                f"This server process already holds {max_streams} streams"
-                " (DATASTAR_MAX_STREAMS); try again later."
+                f"This server process already holds {max_streams} streams, its limit"
+                " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"
+                " requests); try again later."
             )
         environ = request.environ if has_request_context() else {}
         self.datastar_stream = Stream(

@@ -120,6 +120,25 @@ _open: weakref.WeakSet[Stream] = weakref.WeakSet()
 _open_lock = threading.Lock()
 
 
+_process_limit: list[int | None] = [None]
+
+
+def set_process_stream_limit(limit: int | None) -> None:
+    """Set how many streams this process may hold when ``DATASTAR_MAX_STREAMS`` is unset.
+
+    The gunicorn hooks set it from ``--threads``, keeping threads free for
+    ordinary requests.
+
+    :param limit: the number of streams, or ``None`` for no limit.
+    """
+    _process_limit[0] = limit
+
+
+def process_stream_limit() -> int | None:
+    """Return the limit set by :func:`set_process_stream_limit`."""
+    return _process_limit[0]
+
+
 def open_streams() -> list[Stream]:
     """Return the streams open in this process."""
     with _open_lock:
