@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import select
 import socket
 import threading
 import time
@@ -105,11 +106,10 @@ class StreamConfig:
 class Sleep:
     """A pause in a handler, returned by :meth:`Stream.sleep` and yielded by the handler."""
 
-    __slots__ = ("seconds", "_stream")
+    __slots__ = ("seconds",)
 
-    def __init__(self, seconds: float | None, stream: Stream) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
-        self._stream = stream
 
     def __repr__(self) -> str:
         return f"<Sleep {self.seconds!r}>"
@@ -336,7 +336,7 @@ class Stream:
             )
         if seconds is not None and seconds < 0:
             raise ValueError(f"Cannot sleep for a negative time ({seconds}).")
-        pause = Sleep(seconds, self)
+        pause = Sleep(seconds)
         self._pending_sleep = pause
         return pause
 
@@ -394,8 +394,6 @@ class Stream:
             if left <= 0:
                 self._end(f"the client took no data for {self.config.send_timeout} s", abort=True)
                 raise StreamClosed(self._close_reason)
-            import select
-
             select.select([], [transport.sock], [], min(left, 1.0))
 
     def _peer_gone(self, reason: str) -> None:

@@ -192,6 +192,26 @@ def test_a_stalled_client_is_ended_and_the_others_get_everything() -> None:
                 r.close()
 
 
+def test_a_slow_reader_gets_every_event_through_the_backlog() -> None:
+    # Small buffers on both sides: most events go out in parts, the rest waits in the
+    # stream's backlog until the socket is writable again (the watcher flushes it).
+    env = {"FLASK_DATASTAR_MAX_BACKLOG": str(1024 * 1024), "TEST_SNDBUF": "4096"}
+    clicks = 40
+    with GunicornServer(APP, threads=4, env=env) as server:
+        with RawHTTPStream(server.port, "/sse", rcvbuf=4096) as slow:
+            start = first_event(slow).signals["count"]
+            for _ in range(clicks):
+                click(server, pad=8000)
+            counts = []
+            for event in slow.events(timeout=10):
+                counts.append(event.signals["count"])
+                time.sleep(0.01)
+                if counts[-1] == start + clicks:
+                    break
+            assert counts == list(range(start + 1, start + clicks + 1))
+            assert get_json(server, "/stats")["disconnects"] == []
+
+
 def test_http_1_0_falls_back_to_the_queue_path(server: GunicornServer) -> None:
     with RawHTTPStream(server.port, "/sse", http_version="HTTP/1.0") as stream:
         assert stream.status == 200 and not stream.chunked

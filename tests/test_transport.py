@@ -1,0 +1,138 @@
+"""The transports on real sockets: chunk framing, partial sends, backlog, the watcher."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from flask_datastar.transport import (
+    Chunk,
+    QueueTransport,
+    SocketTransport,
+    SocketWatcher,
+    TransportClosed,
+)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_chunk_framing_is_what_gunicorn_writes() -> None:
+    chunk = Chunk("event: x\ndata: é\n\n")
+    assert chunk.data == "event: x\ndata: é\n\n".encode()
+    assert chunk.framed == b"13\r\nevent: x\ndata: \xc3\xa9\n\n\r\n"
+    assert chunk.framed is chunk.framed  # framed once, however many sockets get it
+    assert len(chunk) == 19
+
+
+def test_queue_transport_is_bounded_for_others_not_for_the_owner() -> None:
+    queue = QueueTransport(max_bytes=10)
+    queue.write(Chunk(b"12345"))
+    queue.write(Chunk(b"67890"))
+    with pytest.raises(TransportClosed, match="not reading"):
+        queue.write(Chunk(b"x"))
+    queue.write_unbounded(Chunk(b"owner"))
+    assert queue.pending() == 15
+    assert queue.take() == b"1234567890owner"
+    assert queue.pending() == 0 and queue.take() == b""
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        data += sock.recv(n - len(data))
+    return bytes(data)
+
+
+def test_partial_sends_wait_in_the_backlog_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    flags: list[bool] = []
+    transport = SocketTransport(server, max_backlog=1024 * 1024, on_backlog=flags.append)
+    chunks = [Chunk(bytes([65 + i % 26]) * 3000) for i in range(40)]
+    for chunk in chunks:
+        transport.write(chunk)  # never blocks
+    assert transport.pending() > 0 and flags == [True]
+    expected = b"".join(c.framed for c in chunks)
+    received = bytearray()
+    while len(received) < len(expected):
+        received += client.recv(65536)
+        transport.flush()
+    assert bytes(received) == expected
+    assert transport.pending() == 0 and flags == [True, False]
+
+
+def test_backlog_overflow_closes_the_transport(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _ = pair
+    transport = SocketTransport(server, max_backlog=8192)
+    with pytest.raises(TransportClosed, match="not reading"):
+        for _ in range(1000):
+            transport.write(Chunk(b"x" * 1000))
+    assert transport.closed
+    with pytest.raises(TransportClosed, match="closed"):
+        transport.write(Chunk(b"late"))
+
+
+def test_a_send_error_closes_the_transport(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.close()
+    transport = SocketTransport(server, max_backlog=8192)
+    with pytest.raises(TransportClosed, match="failed"):
+        for _ in range(10):
+            transport.write(Chunk(b"x" * 100))
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.reason = ""
+        self.writable = threading.Event()
+
+    def _peer_gone(self, reason: str) -> None:
+        self.reason = reason
+        self.gone.set()
+
+    def _socket_writable(self) -> None:
+        self.writable.set()
+
+
+def test_watcher_sees_fin_and_ignores_pipelined_bytes() -> None:
+    watcher = SocketWatcher.get()
+    assert SocketWatcher.get() is watcher  # one per process
+    server, client = socket.socketpair()
+    try:
+        owner = Owner()
+        watcher.add(server, owner)
+        client.sendall(b"GET /next HTTP/1.1\r\n\r\n")  # pipelining: not a disconnect
+        assert not owner.gone.wait(0.3)
+        watcher.want_write(server, True)
+        assert owner.writable.wait(5)
+        watcher.want_write(server, False)
+        watcher.remove(server)
+        owner2 = Owner()
+        server2, client2 = socket.socketpair()
+        try:
+            watcher.add(server2, owner2)
+            client2.shutdown(socket.SHUT_WR)  # FIN
+            assert owner2.gone.wait(5)
+            assert owner2.reason == "the client closed the connection"
+        finally:
+            watcher.remove(server2)
+            server2.close()
+            client2.close()
+    finally:
+        watcher.remove(server)
+        server.close()
+        client.close()
