@@ -80,6 +80,9 @@ class DatastarResponse(Response):
             super().__init__(self._open(handler, None, None), status, all_headers, **kwargs)
 
     def _open(self, handler: Handler, on_connect: Hook | None, on_disconnect: Hook | None) -> Any:
+        if has_request_context() and request.method == "HEAD":
+            # The headers are the whole answer: no stream, no hooks, no thread held.
+            return []
         config, max_streams = _settings()
         if max_streams is not None and len(open_streams()) >= max_streams:
             raise ServiceUnavailable(

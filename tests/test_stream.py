@@ -396,3 +396,17 @@ def test_last_event_id(app: Flask) -> None:
 
     response = app.test_client().get("/s", headers={"Last-Event-ID": "41"})
     assert b'{"last":"41"}' in response.data
+
+
+def test_head_opens_no_stream(app: Flask) -> None:
+    calls = []
+
+    @app.get("/s")
+    @sse_stream(on_connect=calls.append)
+    def handler(gen: Stream) -> Iterator[Any]:
+        yield gen.sleep()
+
+    response = app.test_client().head("/s")
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    assert response.data == b"" and calls == []
