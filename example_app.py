@@ -8,6 +8,10 @@ Run it with ``python example_app.py`` (Flask's development server) or, as in
 production, ``gunicorn -c gunicorn.conf.py example_app:app``; then open
 http://127.0.0.1:8989/ in two tabs. Every setting can come from the
 environment: ``FLASK_DATASTAR_HEARTBEAT=5``.
+
+With ``FLASK_DATASTAR_REDIS_URL=redis://localhost:6379/0`` the counter lives in
+Redis and clicks reach the tabs of every worker, so several workers can serve
+it: ``WEB_CONCURRENCY=3 gunicorn -c gunicorn.conf.py example_app:app``.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from __future__ import annotations
 import threading
 import time
 
-from flask import Flask, render_template_string
+from flask import Flask, abort, render_template_string
 
 from flask_datastar import SSE, FlaskDatastar
 
 app = Flask(__name__)
 app.config.from_prefixed_env()
 datastar = FlaskDatastar(app)
-clients = datastar.registry(app, "fat-cqrs")
+# After a Redis outage, each tab gets the current content again.
+clients = datastar.registry(
+    app, "fat-cqrs", on_resync=lambda gen: gen.patch_elements(render_content())
+)
 
 clicks = 0
 # Changing the state, rendering it and queueing the broadcast happen under one
@@ -60,8 +67,51 @@ PAGE = """\
 </html>"""
 
 
+# -- the counter in Redis, when FLASK_DATASTAR_REDIS_URL is set -----------------------
+# Each worker is a process with its own globals: with several workers the count must
+# live in Redis, where INCR is atomic, so every worker shows the same number.
+store = None
+if app.config["DATASTAR_REDIS_URL"]:
+    import redis
+
+    store = redis.Redis.from_url(app.config["DATASTAR_REDIS_URL"])
+
+
+def read_clicks() -> int:
+    global clicks
+    if store is not None:
+        try:
+            clicks = int(store.get("fat-cqrs:clicks") or 0)
+        except redis.RedisError:
+            pass  # Redis is down: the clock keeps ticking with the last count seen
+    return clicks
+
+
+def add_click() -> None:
+    global clicks
+    if store is None:
+        clicks += 1
+        return
+    try:
+        clicks = int(store.incr("fat-cqrs:clicks"))
+    except redis.RedisError:
+        abort(503, "The click counter (Redis) is unavailable; try again in a moment.")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+content_template = app.jinja_env.from_string(CONTENT)  # compiled once, not per render
+last_render: tuple[tuple[str, int], str] = (("", -1), "")
+
+
 def render_content() -> str:
-    return render_template_string(CONTENT, now=time.strftime("%H:%M:%S"), clicks=clicks)
+    # Every tab shows the same content within a second: render it once per change.
+    global last_render
+    state = (time.strftime("%H:%M:%S"), read_clicks())
+    if last_render[0] != state:
+        last_render = (state, content_template.render(now=state[0], clicks=state[1]))
+    return last_render[1]
 
 
 @app.get("/")
@@ -81,9 +131,8 @@ def sse(gen):
 
 @app.post("/click")
 def click() -> tuple[str, int]:
-    global clicks
     with state_lock:
-        clicks += 1
+        add_click()
         # The newest content supersedes any older one still waiting to be written.
         clients.broadcast(
             SSE.patch_elements(render_content(), selector="#content"), coalesce="content"
@@ -92,4 +141,6 @@ def click() -> tuple[str, int]:
 
 
 if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=8989, threaded=True)
+    import os
+
+    app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "8989")), threaded=True)

@@ -143,8 +143,10 @@ class FlaskDatastar:
             ),
         )
         if config.redis_url:
-            from .bus import RedisBus  # type: ignore[attr-defined]
+            from .bus import RedisBus
 
+            # One bus per app: its listener thread starts in a worker only when a
+            # registry of the app gets its first stream there.
             state.bus = RedisBus(config.redis_url)
         app.extensions["datastar"] = state
         app.jinja_env.globals.update(
@@ -183,17 +185,41 @@ class FlaskDatastar:
     ) -> SSERegistry:
         """Return *app*'s registry called *name*, created on first use and joined to its bus.
 
+        With ``DATASTAR_REDIS_URL`` set, the registry reaches the streams of
+        every process serving the app; a process that only publishes (a CLI
+        command, a task worker) just calls ``registry.broadcast(...)``.
+
         :param app: an app this extension was registered on.
         :param name: the registry's topic.
-        :param on_resync: see :class:`~flask_datastar.SSERegistry`.
+        :param on_resync: see :class:`~flask_datastar.SSERegistry`; it runs in
+            an app context of *app* (the bus calls it from its own thread).
+            Only the call that creates the registry sets it.
         """
         state = self._state(app)
         registry = state.registries.get(name)
         if registry is None:
+            resync = None
+            if on_resync is not None:
+                hook = on_resync
+
+                def resync(gen: Stream) -> object:
+                    with app.app_context():
+                        return hook(gen)
+
             registry = state.registries[name] = SSERegistry(
-                name, bus=state.bus, on_resync=on_resync
+                name, bus=state.bus, on_resync=resync
             )
         return registry
+
+    def bus(self, app: Flask) -> Bus | None:
+        """Return the bus *app*'s registries publish through, or ``None`` without one.
+
+        With ``DATASTAR_REDIS_URL`` it is a :class:`~flask_datastar.bus.RedisBus`;
+        call its ``close()`` when the app is discarded (in tests).
+
+        :param app: an app this extension was registered on.
+        """
+        return self._state(app).bus
 
     def sse(
         self,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["SSERegistry"]
 
 log = logging.getLogger("flask_datastar")
+
+#: Without ``on_resync``, streams ended after a bus outage get a random retry delay
+#: of up to this many seconds more, so the tabs do not all reconnect at once.
+RESYNC_SPREAD = 2.0
 
 
 class _Item:
@@ -55,8 +61,9 @@ class SSERegistry:
         process; ``None`` keeps them in this process.
     :param on_resync: called with every local stream after the bus lost
         messages (a Redis outage); it should send the full current state.
-        Without it such streams are ended so that their clients reconnect and
-        get the full state from the stream handler.
+        It runs in the bus's listener thread. Without it such streams are
+        ended abruptly, each with a random retry delay, so that their clients
+        reconnect and get the full state from the stream handler.
     """
 
     def __init__(
@@ -76,8 +83,14 @@ class SSERegistry:
         self._latest: dict[Hashable, _Item] = {}
         self._busy = False
         self._thread: threading.Thread | None = None
+        self._thread_pid = 0
         self._stopping = False
         self._bus: Bus | None = None
+        # The process whose streams the bus feeds: subscribing is per process, and a
+        # registry copied into a forked worker must subscribe again there.
+        self._subscribed_pid: int | None = None
+        self._subscribe_lock = threading.Lock()
+        self._bus_down = False
         self.delivered = 0
         if bus is not None:
             self.attach_bus(bus)
@@ -95,9 +108,11 @@ class SSERegistry:
         only updates its key. A stream that ends is unregistered by itself.
 
         :param gen: the stream.
-        :param key: any hashable (a user id, a tab id); a string or number
-            when a bus carries unicasts between processes.
+        :param key: any hashable (a user id, a tab id); a string, a number or
+            a tuple of them when a bus carries unicasts between processes.
         """
+        if self._bus is not None and self._subscribed_pid != os.getpid():
+            self._subscribe()
         with self._lock:
             old = self._streams.get(gen)
             if gen in self._streams and old is not None:
@@ -233,7 +248,9 @@ class SSERegistry:
     def close(self) -> None:
         """Stop the broadcaster thread and leave the bus (registered streams stay open)."""
         if self._bus is not None:
-            self._bus.unsubscribe(self._channel, self._on_bus_message)
+            if self._subscribed_pid == os.getpid():
+                self._bus.unsubscribe(self._channel, self._on_bus_message)
+            self._subscribed_pid = None
             self._bus = None
         with self._cond:
             self._stopping = True
@@ -248,6 +265,10 @@ class SSERegistry:
     def attach_bus(self, bus: Bus) -> None:
         """Send broadcasts and unicasts through *bus* from now on.
 
+        The registry subscribes to the bus at its first :meth:`register` in
+        each process, not here: a process that only publishes (a CLI
+        command, a cron job, a task queue worker) never listens.
+
         :param bus: the bus shared by every process.
         """
         if self._bus is bus:
@@ -255,11 +276,28 @@ class SSERegistry:
         if self._bus is not None:
             raise RuntimeError(f"{self!r} already has a bus; create the registry once per name.")
         self._bus = bus
-        bus.subscribe(self._channel, self._on_bus_message, self._on_bus_gap)
+        if self._streams:
+            self._subscribe()
+
+    @property
+    def bus(self) -> Bus | None:
+        """The bus that carries broadcasts and unicasts, if any."""
+        return self._bus
 
     @property
     def _channel(self) -> str:
         return f"flask_datastar:{self.name}"
+
+    def _subscribe(self) -> None:
+        # Streams that register while the first subscription is being confirmed wait
+        # for it too, so none of them renders its first state before it can hear.
+        with self._subscribe_lock:
+            pid = os.getpid()
+            bus = self._bus
+            if bus is None or self._subscribed_pid == pid:
+                return
+            bus.subscribe(self._channel, self._on_bus_message, self._on_bus_gap)
+            self._subscribed_pid = pid
 
     def _publish(
         self, to_key: bool, key: Any, event: str | bytes, coalesce: Hashable | None
@@ -279,27 +317,60 @@ class SSERegistry:
             payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
         except TypeError:
             raise TypeError(
-                "With a bus, keys and coalesce labels cross processes as JSON: use strings"
-                " or numbers."
+                "With a bus, keys and coalesce labels cross processes as JSON: use strings,"
+                " numbers, or tuples of them."
             ) from None
-        bus.publish(self._channel, payload)
+        try:
+            # Our own streams get it back through the bus, like every other process.
+            bus.publish(self._channel, payload)
+        except OSError as e:
+            # The command goes on, and this process's streams still get the event;
+            # the other processes resync when their subscriptions are back.
+            if not self._bus_down:
+                self._bus_down = True
+                log.warning(
+                    "flask_datastar: %r could not publish (%s); until the bus is back,"
+                    " broadcasts reach this process's streams only.",
+                    self,
+                    e,
+                )
+            if self._streams:
+                self._on_bus_message(payload)
+            return
+        if self._bus_down:
+            self._bus_down = False
+            log.warning("flask_datastar: %r publishes through the bus again.", self)
 
     def _on_bus_message(self, payload: bytes) -> None:
         message = json.loads(payload)
         self._enqueue(
-            _Item("k" in message, message.get("k"), Chunk(message["e"]), message.get("c"))
+            _Item(
+                "k" in message,
+                _hashable(message.get("k")),
+                Chunk(message["e"]),
+                _hashable(message.get("c")),
+            )
         )
 
     def _on_bus_gap(self) -> None:
         """The bus lost messages: give every local stream the full state again."""
+        # What arrived before the gap is written first, so it cannot overwrite the
+        # fresh state.
+        self.flush(5.0)
         for gen in self.snapshot():
             try:
                 if self.on_resync is not None:
                     self.on_resync(gen)
                 else:
+                    # Every tab of every worker comes back after an outage: spread them.
+                    delay = int(1000 + random.random() * RESYNC_SPREAD * 1000)
+                    gen.send(f"retry: {delay}\n\n")
                     gen.close(reconnect=True)
             except Exception as e:
-                log.warning("flask_datastar: resync of %r failed: %r", gen, e)
+                from .stream import StreamClosed
+
+                if not isinstance(e, StreamClosed):
+                    log.warning("flask_datastar: resync of %r failed: %r", gen, e)
                 gen.close(reconnect=True)
 
     def _enqueue(self, item: _Item) -> None:
@@ -310,7 +381,9 @@ class SSERegistry:
                     older.superseded = True
                 self._latest[item.coalesce] = item
             self._queue.append(item)
-            if self._thread is None:
+            # A worker forked after this registry broadcast has the thread object, not the thread.
+            if self._thread is None or self._thread_pid != os.getpid():
+                self._thread_pid = os.getpid()
                 self._thread = threading.Thread(
                     target=self._run, name=f"flask_datastar-broadcaster-{self.name}", daemon=True
                 )
@@ -344,3 +417,10 @@ class SSERegistry:
                     if not isinstance(e, StreamClosed):
                         log.warning("flask_datastar: dropping %r from %r: %r", gen, self, e)
                     self.unregister(gen)
+
+
+def _hashable(value: Any) -> Any:
+    """Turn the lists that JSON made of tuples back into tuples, so they work as keys."""
+    if isinstance(value, list):
+        return tuple(_hashable(item) for item in value)
+    return value
