@@ -22,6 +22,7 @@ from .actions import (
     sse_post,
     sse_put,
 )
+from .bus import Bus, BusError, LocalBus, RedisBus
 from .extension import DatastarConfig, FlaskDatastar
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
@@ -44,6 +45,8 @@ __all__ = [
     "JS",
     "SSE",
     "SSE_HEADERS",
+    "Bus",
+    "BusError",
     "DatastarConfig",
     "DatastarEvent",
     "DatastarResponse",
@@ -51,6 +54,8 @@ __all__ = [
     "ElementPatchNamespace",
     "EventType",
     "FlaskDatastar",
+    "LocalBus",
+    "RedisBus",
     "SSERegistry",
     "ServerSentEventGenerator",
     "Stream",
