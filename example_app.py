@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 from flask import Flask, abort, render_template_string
 
-from flask_datastar import SSE, FlaskDatastar
+from flask_datastar import SSE, FlaskDatastar, Stream
 
 app = Flask(__name__)
 app.config.from_prefixed_env()
@@ -121,7 +122,7 @@ def index() -> str:
 
 @app.get("/sse")
 @datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
-def sse(gen):
+def sse(gen: Stream) -> Iterator[object]:
     while True:
         # No selector: in "outer" mode Datastar morphs #content by its id.
         with state_lock:

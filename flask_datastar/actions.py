@@ -36,8 +36,9 @@ DATASTAR_CDN_URL = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*\Z")
 # Everything that could end the string, the attribute or the script element,
-# or that JavaScript treats as a line break.
-_UNSAFE = re.compile(r"[\\'\"<>&\x00-\x1f\x7f\u2028\u2029]")
+# or that JavaScript treats as a line break. And "@": the client rewrites every
+# "@name(" of an expression into an action call, inside string literals too.
+_UNSAFE = re.compile(r"[\\'\"<>&@\x00-\x1f\x7f\u2028\u2029]")
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

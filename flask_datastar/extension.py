@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, overload
 
 from flask import Flask
 
 from . import actions
 from .registry import SSERegistry
-from .response import sse_stream
+from .response import DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
 from .stream import Hook, Stream, StreamConfig
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DatastarConfig", "FlaskDatastar"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+
 
 #: Every configuration key with its default.
 DEFAULTS: dict[str, Any] = {
@@ -221,13 +222,22 @@ class FlaskDatastar:
         """
         return self._state(app).bus
 
+    @overload
+    def sse(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]: ...
+    @overload
+    def sse(
+        self, *, on_connect: Hook | None = None, on_disconnect: Hook | None = None
+    ) -> StreamDecorator: ...
     def sse(
         self,
-        view: F | None = None,
+        view: StreamView[Any] | None = None,
         *,
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
     ) -> Any:
-        """Decorate a view as a stream handler; see :func:`~flask_datastar.sse_stream`."""
+        """Decorate a view as a stream handler: ``@datastar.sse(on_connect=...)``.
+
+        The same as :func:`~flask_datastar.sse_stream`.
+        """
         decorate = sse_stream(on_connect=on_connect, on_disconnect=on_disconnect)
         return decorate(view) if view is not None else decorate

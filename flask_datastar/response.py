@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, overload
 
 from flask import Response, current_app, has_request_context, request, stream_with_context
 from werkzeug.exceptions import ServiceUnavailable
@@ -14,7 +14,15 @@ from .stream import Handler, Hook, Stream, StreamConfig, open_streams, process_s
 
 __all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+#: A stream view: called with the stream first, then the view's URL arguments.
+StreamView = Callable[Concatenate[Stream, P], Any]
+
+
+class StreamDecorator(Protocol):
+    """What ``sse_stream(on_connect=...)`` returns: a decorator for stream views."""
+
+    def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]: ...
 Content = str | bytes | Iterable[Any] | None
 
 
@@ -137,20 +145,20 @@ def sse_response(
 
 
 @overload
-def sse_stream(view: F) -> F: ...
+def sse_stream(view: StreamView[P]) -> Callable[P, DatastarResponse]: ...
 @overload
 def sse_stream(
     view: None = None,
     *,
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
-) -> Callable[[F], F]: ...
+) -> StreamDecorator: ...
 def sse_stream(
-    view: F | None = None,
+    view: StreamView[Any] | None = None,
     *,
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
-) -> F | Callable[[F], F]:
+) -> Any:
     """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
 
     ::
@@ -166,22 +174,28 @@ def sse_stream(
     :param on_connect: called with the stream when it opens.
     :param on_disconnect: called exactly once when the stream ends.
     """
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> DatastarResponse:
-            return sse_response(
-                lambda gen: fn(gen, *args, **kwargs),
-                on_connect=on_connect,
-                on_disconnect=on_disconnect,
-            )
-
-        return cast(F, wrapper)
-
+    decorate = _StreamDecorator(on_connect, on_disconnect)
     return decorate(view) if view is not None else decorate
 
 
-def datastar_response(view: F) -> F:
+class _StreamDecorator:
+    def __init__(self, on_connect: Hook | None, on_disconnect: Hook | None) -> None:
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+
+    def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
+        @functools.wraps(view)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> DatastarResponse:
+            return sse_response(
+                lambda gen: view(gen, *args, **kwargs),
+                on_connect=self.on_connect,
+                on_disconnect=self.on_disconnect,
+            )
+
+        return wrapper
+
+
+def datastar_response(view: Callable[P, Any]) -> Callable[P, Response]:
     """Wrap what a view returns or yields in a :class:`DatastarResponse`, as datastar-py does.
 
     A generator view is a stream: it may ``yield`` events (``yield
@@ -192,10 +206,10 @@ def datastar_response(view: F) -> F:
     """
 
     @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Response:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
         rv = view(*args, **kwargs)
         if isinstance(rv, Response):
             return rv
         return DatastarResponse(rv)
 
-    return cast(F, wrapper)
+    return wrapper

@@ -124,3 +124,9 @@ def test_datastar_url(app: Flask) -> None:
     app.config["DATASTAR_JS_URL"] = "/static/datastar.js"
     with app.app_context():
         assert datastar_url() == "/static/datastar.js"
+
+
+def test_at_sign_is_escaped() -> None:
+    # The client rewrites "@name(" into an action call even inside string literals.
+    assert js_literal("@post('/x')") == "'\\x40post(\\x27/x\\x27)'"
+    assert "@" not in sse_post("/a@b", headers={"X": "@get('/y')"})[1:]

@@ -20,6 +20,13 @@ def test_mypy_strict() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_examples_type_check_against_the_public_api() -> None:
+    # The decorators keep the views' types, so user code checks under --strict too.
+    require_module("mypy")
+    result = run("mypy", "--strict", "example_app.py", "examples")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_ruff() -> None:
     require_module("ruff")
     result = run("ruff", "check", ".")
