@@ -2,9 +2,10 @@
 
 Chromium is Debian's (``/usr/bin/chromium``), driven by Playwright from PyPI; Playwright
 never downloads a browser of its own. Each example runs under a real gunicorn gthread
-server (:class:`tests.helpers.GunicornServer`) with the example's ``gunicorn.conf.py``
-hooks, wrapped by :mod:`tests.browser.served` so the page loads the Datastar client
-from the same origin (the test machines reach no CDN).
+server (:class:`tests.helpers.GunicornServer`) with the repository's ``gunicorn.conf.py``
+(whose hooks end streams so that tabs reconnect), wrapped by :mod:`tests.browser.served`
+so the page loads the Datastar client from the same origin (the test machines reach no
+CDN).
 
 Screenshots go to a fresh temporary directory, unless ``DATASTAR_SCREENSHOT_DIR`` names
 one: ``DATASTAR_SCREENSHOT_DIR=docs/_static/screenshots pytest -m browser`` refreshes
@@ -15,6 +16,7 @@ screenshots on every run.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +29,14 @@ from tests.browser import served
 from tests.helpers import REPO_ROOT, GunicornServer, require_module, require_tool
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page
+    from playwright.sync_api import (
+        Browser,
+        BrowserContext,
+        ConsoleMessage,
+        Dialog,
+        Page,
+        ViewportSize,
+    )
 
 #: Flags for Debian's Chromium in a container: no sandbox (root), no GPU, and no
 #: background traffic to Google services (the machines reach no such host).
@@ -82,17 +91,23 @@ def expect(playwright_api: ModuleType) -> Any:
 
 
 class Tabs:
-    """Browser tabs of one test, in one browser context, with what they reported.
+    """Browser tabs of one test, with what they reported.
+
+    Each tab gets a browser context of its own, as if each were a window of its
+    own: Chromium throttles the animation frames of a background tab in a shared
+    window, and Playwright's actionability checks wait for those frames (a click
+    in the other tab then takes one to two seconds). Separate contexts also have
+    separate connection pools (Chromium opens at most six HTTP/1.1 connections per
+    host and context, and each open stream holds one).
 
     :param browser: the session's browser.
     :param viewport: the size of every tab.
     """
 
-    def __init__(self, browser: Browser, viewport: dict[str, int]) -> None:
+    def __init__(self, browser: Browser, viewport: ViewportSize) -> None:
         self.browser = browser
         self.viewport = viewport
         self.contexts: list[BrowserContext] = []
-        self.context = self.new_context()
         self.pages: list[Page] = []
         #: Messages of the JavaScript dialogs (``alert`` and friends) any tab opened.
         self.dialogs: list[str] = []
@@ -102,11 +117,7 @@ class Tabs:
         self.console: list[tuple[str, str]] = []
 
     def new_context(self) -> BrowserContext:
-        """Return a new browser context: its own cookies and its own connection pool.
-
-        Chromium opens at most six HTTP/1.1 connections per host and context, and each
-        open stream holds one: tests with many tabs spread them over contexts.
-        """
+        """Return a new browser context: its own cookies and its own connection pool."""
         context = self.browser.new_context(viewport=self.viewport)
         context.set_default_timeout(TIMEOUT * 1000)
         context.add_init_script(_READY_SCRIPT)
@@ -117,9 +128,9 @@ class Tabs:
         """Open *url* in a new tab and wait until Datastar has scanned the page.
 
         :param url: the address.
-        :param context: the browser context; the test's first one by default.
+        :param context: the browser context; a new one by default.
         """
-        page = (context or self.context).new_page()
+        page = (context or self.new_context()).new_page()
         page.on("dialog", self._on_dialog)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on("console", self._on_console)
@@ -134,10 +145,6 @@ class Tabs:
 
     def _on_console(self, message: ConsoleMessage) -> None:
         self.console.append((message.type, message.text))
-
-    def console_errors(self) -> list[str]:
-        """Return the text of every ``console.error`` message so far."""
-        return [text for kind, text in self.console if kind == "error"]
 
     def close(self) -> None:
         """Close every tab and context."""
@@ -238,3 +245,55 @@ def wait_for_change(page: Page, selector: str, old: str, timeout: float = TIMEOU
         timeout=timeout * 1000,
     )
     return str(page.text_content(selector))
+
+
+def screenshot_side_by_side(pages: list[Page], path: Path, height: int = 430) -> Path:
+    """Write one PNG, 900 pixels wide, showing *pages* side by side as a person sees them.
+
+    Each tab is narrowed to its share of the width and captured, and the pictures
+    are laid out in a page of their own, so no imaging library is needed. The tabs
+    keep their new size.
+
+    :param pages: the tabs, captioned "Tab 1", "Tab 2", ... from left to right.
+    :param path: the PNG file to write.
+    :param height: the height of each tab, in pixels.
+    """
+    gap, width = 12, 900
+    tab_width = (width - gap * (len(pages) + 1)) // len(pages)
+    figures = []
+    for number, page in enumerate(pages, 1):
+        page.set_viewport_size({"width": tab_width, "height": height})
+        shot = base64.b64encode(page.screenshot(type="png")).decode("ascii")
+        figures.append(
+            f"<figure><figcaption>Tab {number}</figcaption>"
+            f'<img src="data:image/png;base64,{shot}"></figure>'
+        )
+    context = pages[0].context.browser.new_context(  # type: ignore[union-attr]
+        viewport={"width": width, "height": height + 2 * gap + 22}
+    )
+    try:
+        board = context.new_page()
+        board.set_content(
+            "<style>"
+            f"body {{ margin: 0; display: flex; gap: {gap}px; padding: {gap}px;"
+            " background: #e8e8e8; font: 14px sans-serif }"
+            "figure { margin: 0 } figcaption { padding: 0 0 6px }"
+            f"img {{ display: block; width: {tab_width - 2}px; border: 1px solid #999 }}"
+            "</style>" + "".join(figures)
+        )
+        board.screenshot(path=str(path), type="png")
+    finally:
+        context.close()
+    return path
+
+
+def screenshot(page: Page, path: Path, height: int = 450) -> Path:
+    """Write a PNG of the top of *page*, 900 pixels wide.
+
+    :param page: the tab.
+    :param path: the PNG file to write.
+    :param height: the height of the picture, in pixels.
+    """
+    page.set_viewport_size({"width": 900, "height": height})
+    page.screenshot(path=str(path), type="png")
+    return path
