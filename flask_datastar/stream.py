@@ -31,7 +31,6 @@ import select
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,7 +115,7 @@ class Sleep:
 
 
 _local = threading.local()
-_open: weakref.WeakSet[Stream] = weakref.WeakSet()
+_open: set[Stream] = set()
 _open_lock = threading.Lock()
 
 
@@ -177,6 +176,30 @@ class Stream:
     decorators, not directly.
     """
 
+    # Thousands of them live at once: no per-instance __dict__.
+    __slots__ = (
+        "environ",
+        "config",
+        "key",
+        "sent_events",
+        "_on_connect",
+        "_on_disconnect",
+        "_lock",
+        "_wake",
+        "_done",
+        "_transport",
+        "_path",
+        "_closed",
+        "_abort",
+        "_close_reason",
+        "_disconnected",
+        "_owner",
+        "_last_write",
+        "_pending_sleep",
+        "_server_response",
+        "_registries",
+    )
+
     def __init__(
         self,
         environ: Mapping[str, Any],
@@ -191,7 +214,12 @@ class Stream:
         self._on_connect = [on_connect] if on_connect else []
         self._on_disconnect = [on_disconnect] if on_disconnect else []
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        # Only the owner thread ever waits, so a bare lock serves as its wake-up call
+        # (a Condition costs a deque and five bound methods per stream). Held while
+        # nobody has called; released by _notify(); taken back by the owner's wait.
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._done: threading.Event | None = None
         self._transport: QueueTransport | SocketTransport = QueueTransport(self.config.max_backlog)
         self._path = "pending"
         self._closed = False
@@ -202,7 +230,7 @@ class Stream:
         self._last_write = time.monotonic()
         self._pending_sleep: Sleep | None = None
         self._server_response: object = None
-        self._registries: weakref.WeakSet[SSERegistry] = weakref.WeakSet()
+        self._registries: set[SSERegistry] = set()
         self.sent_events = 0
 
     def __repr__(self) -> str:
@@ -241,7 +269,7 @@ class Stream:
         """
         chunk = event if isinstance(event, Chunk) else Chunk(event)
         owner = threading.get_ident() == self._owner
-        with self._cond:
+        with self._lock:
             self._write_locked(chunk, owner)
         if owner and self._transport.direct and self._transport.pending() > self.config.max_backlog:
             self._drain_owner()
@@ -353,8 +381,13 @@ class Stream:
 
         :param timeout: seconds to wait at most.
         """
-        with self._cond:
-            return self._cond.wait_for(lambda: self._disconnected, timeout)
+        with self._lock:
+            if self._disconnected:
+                return True
+            if self._done is None:
+                self._done = threading.Event()
+            done = self._done
+        return done.wait(timeout)
 
     # -- used by the registry and the socket watcher ------------------------------
 
@@ -374,14 +407,20 @@ class Stream:
         self._last_write = time.monotonic()
         self.sent_events += 1
         if not transport.direct:
-            self._cond.notify_all()
+            self._notify()
+
+    def _notify(self) -> None:
+        try:
+            self._wake.release()
+        except RuntimeError:
+            pass  # already released: the owner has a wake-up waiting
 
     def _drain_owner(self) -> None:
         transport = self._transport
         assert isinstance(transport, SocketTransport)
         deadline = time.monotonic() + self.config.send_timeout
         while True:
-            with self._cond:
+            with self._lock:
                 if self._closed:
                     raise StreamClosed(f"The stream has ended ({self._close_reason}).")
                 try:
@@ -400,7 +439,7 @@ class Stream:
         self._end(reason, abort=True)
 
     def _socket_writable(self) -> None:
-        with self._cond:
+        with self._lock:
             transport = self._transport
             if self._closed or not isinstance(transport, SocketTransport):
                 return
@@ -410,7 +449,7 @@ class Stream:
                 self._end_locked(str(e), abort=True)
 
     def _end(self, reason: str, abort: bool) -> None:
-        with self._cond:
+        with self._lock:
             self._end_locked(reason, abort)
 
     def _end_locked(self, reason: str, abort: bool) -> None:
@@ -420,7 +459,7 @@ class Stream:
             self._close_reason = reason
         elif abort:
             self._abort = True
-        self._cond.notify_all()
+        self._notify()
 
     # -- the owner thread ---------------------------------------------------------
 
@@ -439,7 +478,7 @@ class Stream:
             on_connect(self)
 
     def _disconnect(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._disconnected:
                 return
         try:
@@ -451,9 +490,11 @@ class Stream:
             for registry in list(self._registries):
                 registry.unregister(self)
         finally:
-            with self._cond:
+            with self._lock:
                 self._disconnected = True
-                self._cond.notify_all()
+                done = self._done
+            if done is not None:
+                done.set()
             with _open_lock:
                 _open.discard(self)
 
@@ -461,7 +502,7 @@ class Stream:
         sock = None
         if self.config.direct_writes:
             sock = direct_socket(self.environ, self._server_response)
-        with self._cond:
+        with self._lock:
             if sock is None or self._closed:
                 self._path = "queue"
                 return
@@ -497,7 +538,7 @@ class Stream:
         handler_iter: Iterator[HandlerItem] | None = None
         try:
             self._connect()
-            with self._cond:
+            with self._lock:
                 pending = self._transport
                 first = pending.take() if isinstance(pending, QueueTransport) else b""
             # The headers leave with the first non-empty chunk: never make the client wait.
@@ -571,19 +612,22 @@ class Stream:
                         f"A stream handler yielded {type(item).__name__}; yield events"
                         " (str or bytes) or 'gen.sleep(seconds)'."
                     )
-            with self._cond:
+            wait = 0.0
+            with self._lock:
                 data = b""
                 if isinstance(self._transport, QueueTransport):
                     data = self._transport.take()
                 if not data and not self._closed:
-                    now = time.monotonic()
                     due = wake_at if steps is not None else float("inf")
                     if heartbeat > 0:
                         due = min(due, self._last_write + heartbeat)
-                    if due > now:
-                        self._cond.wait(min(due - now, 3600.0))
-                        if isinstance(self._transport, QueueTransport):
-                            data = self._transport.take()
+                    wait = min(due - time.monotonic(), 3600.0)
+            if wait > 0:
+                # A send or an end in between has released the lock already: no lost wake-up.
+                self._wake.acquire(timeout=wait)
+                with self._lock:
+                    if isinstance(self._transport, QueueTransport):
+                        data = self._transport.take()
             if data:
                 # The server writes it; a failed write closes this generator.
                 yield data
