@@ -1,10 +1,10 @@
 """Carrying broadcasts between processes.
 
 A registry without a bus reaches the streams of its own process only. With a
-bus, :meth:`SSERegistry.broadcast` publishes the rendered event once, and the
-bus hands it to the registry of the same name in every subscribed process
-(the publisher's own included, exactly once), which writes it to its local
-streams.
+bus, :meth:`~flask_datastar.SSERegistry.broadcast` publishes the rendered
+event once, and the bus hands it to the registry of the same name in every
+subscribed process (the publisher's own included, exactly once), which
+writes it to its local streams.
 
 Two buses ship here: :class:`LocalBus` (one process; useful in tests) and
 :class:`RedisBus` (Redis pub/sub through redis-py, for several workers and
@@ -39,9 +39,9 @@ OnGap = Callable[[], None]
 class BusError(ConnectionError):
     """A message could not be handed to the bus (its server is down or unreachable).
 
-    :meth:`SSERegistry.broadcast` catches it: the event still reaches the
-    streams of the publishing process, and the other processes resync once
-    they hear from the bus again.
+    :meth:`~flask_datastar.SSERegistry.broadcast` catches it: the event still
+    reaches the streams of the publishing process, and the other processes
+    resync once they hear from the bus again.
     """
 
 

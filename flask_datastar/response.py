@@ -73,8 +73,11 @@ class DatastarResponse(Response):
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
             body = self._open(handler, on_connect, on_disconnect)
             super().__init__(body, status, all_headers, **kwargs)
-        elif content is None or isinstance(content, (str, bytes)):
-            super().__init__(content or "", status, all_headers, **kwargs)
+        elif content is None:
+            # Nothing to send: 204, as datastar-py answers (the client does nothing).
+            super().__init__(None, 204 if status is None else status, all_headers, **kwargs)
+        elif isinstance(content, (str, bytes)):
+            super().__init__(content, status, all_headers, **kwargs)
         elif isinstance(content, (list, tuple)):
             super().__init__(
                 "".join(_text(event) for event in content), status, all_headers, **kwargs

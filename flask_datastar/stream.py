@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from .sse import (
     ElementPatchMode,
@@ -67,11 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("flask_datastar")
-
-Hook = Callable[["Stream"], object]
-#: What a handler may yield: an event to send, a pause, or ``None`` (a checkpoint).
-HandlerItem = Union[str, bytes, "Sleep", None]  # noqa: UP007 (a forward reference)
-Handler = Callable[["Stream"], Iterable[HandlerItem] | None]
 
 _HEARTBEAT = Chunk(comment())
 
@@ -112,6 +107,14 @@ class Sleep:
 
     def __repr__(self) -> str:
         return f"<Sleep {self.seconds!r}>"
+
+
+#: An ``on_connect`` or ``on_disconnect`` function, called with the stream.
+Hook = Callable[["Stream"], object]
+#: What a handler may yield: an event to send, a pause, or ``None`` (a checkpoint).
+HandlerItem = str | bytes | Sleep | None
+#: A stream handler: called with the stream; a generator lives as long as it loops.
+Handler = Callable[["Stream"], Iterable[HandlerItem] | None]
 
 
 _local = threading.local()

@@ -410,3 +410,13 @@ def test_head_opens_no_stream(app: Flask) -> None:
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
     assert response.data == b"" and calls == []
+
+
+def test_datastar_response_without_content_is_a_204(app: Flask) -> None:
+    @app.get("/s")
+    @datastar_response
+    def view() -> None:
+        return None
+
+    response = app.test_client().get("/s")
+    assert response.status_code == 204 and response.data == b""
