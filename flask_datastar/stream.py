@@ -272,6 +272,11 @@ class Stream:
         """
         chunk = event if isinstance(event, Chunk) else Chunk(event)
         owner = threading.get_ident() == self._owner
+        # The stream's own thread may wait for a slow client, as a blocking write would
+        # (up to send_timeout); other threads never wait, and a backlog over the bound
+        # ends the stream instead.
+        if owner and self._transport.direct and self._transport.pending():
+            self._drain_owner()
         with self._lock:
             self._write_locked(chunk, owner)
         if owner and self._transport.direct and self._transport.pending() > self.config.max_backlog:

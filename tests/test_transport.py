@@ -136,3 +136,35 @@ def test_watcher_sees_fin_and_ignores_pipelined_bytes() -> None:
         watcher.remove(server)
         server.close()
         client.close()
+
+
+def test_the_owners_own_large_events_wait_for_a_slow_client(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The stream's own thread waits for a full socket, as a blocking write would, instead
+    of overflowing the backlog that bounds other threads' writes."""
+    from flask_datastar.stream import Stream, StreamConfig
+
+    server, client = pair
+    gen = Stream({}, StreamConfig(max_backlog=4096, send_timeout=10))
+    gen._owner = threading.get_ident()
+    gen._transport = SocketTransport(server, max_backlog=4096)
+    small = "event: s\ndata: " + "s" * 1000 + "\n\n"
+    sent = []
+    while gen._transport.pending() == 0:  # until the kernel's buffers are full
+        gen.send(small)
+        sent.append(small)
+    big = "event: b\ndata: " + "b" * 100_000 + "\n\n"
+    expected = b"".join(Chunk(e).framed for e in [*sent, big])
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while len(received) < len(expected):
+            received.extend(client.recv(2048))
+
+    reader = threading.Timer(0.2, read_slowly)
+    reader.start()
+    gen.send(big)  # a backlog is waiting: this must wait for the reader, not fail
+    reader.join(10)
+    assert not gen.closed
+    assert bytes(received) == expected
