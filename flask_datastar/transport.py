@@ -47,25 +47,23 @@ class TransportClosed(ConnectionError):
 
 
 class Chunk:
-    """One event's bytes, encoded once and framed as an HTTP/1.1 chunk at most once.
+    """One event's bytes, encoded once, with the size line of its HTTP/1.1 chunk.
 
     A broadcast builds one ``Chunk`` and writes it to every stream, so the
     encoding and the framing are paid once, whatever the number of clients.
     """
 
-    __slots__ = ("data", "_framed")
+    __slots__ = ("data", "head")
 
     def __init__(self, data: bytes | str) -> None:
         self.data = data.encode("utf-8") if isinstance(data, str) else data
-        self._framed: bytes | None = None
+        self.head = b"%X\r\n" % len(self.data)
 
     @property
     def framed(self) -> bytes:
         """The data as one chunk of HTTP/1.1 chunked transfer encoding."""
-        if self._framed is None:
-            # Exactly what gunicorn's own Response.write() puts on the wire.
-            self._framed = b"%X\r\n%s\r\n" % (len(self.data), self.data)
-        return self._framed
+        # Exactly what gunicorn's own Response.write() puts on the wire.
+        return self.head + self.data + b"\r\n"
 
     def __len__(self) -> int:
         return len(self.data)
@@ -147,7 +145,22 @@ class SocketTransport:
         return len(self._backlog)
 
     def write(self, chunk: Chunk) -> None:
-        self.write_bytes(chunk.framed)
+        if self._backlog or self.closed:
+            self.write_bytes(chunk.framed)
+            return
+        # Gathered by the kernel: no framed copy of the event is built per socket.
+        parts = (chunk.head, chunk.data, b"\r\n")
+        try:
+            sent = self.sock.sendmsg(parts, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self.closed = True
+            raise TransportClosed(f"The client connection failed: {e}.") from e
+        if sent < len(chunk.head) + len(chunk.data) + 2:
+            self._backlog += b"".join(parts)[sent:]
+            if self._on_backlog is not None:
+                self._on_backlog(True)
 
     def write_bytes(self, data: bytes) -> None:
         """Send already framed bytes, keeping what does not fit in the backlog."""

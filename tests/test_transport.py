@@ -32,7 +32,7 @@ def test_chunk_framing_is_what_gunicorn_writes() -> None:
     chunk = Chunk("event: x\ndata: é\n\n")
     assert chunk.data == "event: x\ndata: é\n\n".encode()
     assert chunk.framed == b"13\r\nevent: x\ndata: \xc3\xa9\n\n\r\n"
-    assert chunk.framed is chunk.framed  # framed once, however many sockets get it
+    assert chunk.head == b"13\r\n"  # the size line is made once, however many sockets
     assert len(chunk) == 19
 
 
