@@ -272,15 +272,8 @@ class Stream:
         """
         chunk = event if isinstance(event, Chunk) else Chunk(event)
         owner = threading.get_ident() == self._owner
-        # The stream's own thread may wait for a slow client, as a blocking write would
-        # (up to send_timeout); other threads never wait, and a backlog over the bound
-        # ends the stream instead.
-        if owner and self._transport.direct and self._transport.pending():
-            self._drain_owner()
         with self._lock:
             self._write_locked(chunk, owner)
-        if owner and self._transport.direct and self._transport.pending() > self.config.max_backlog:
-            self._drain_owner()
 
     def patch_elements(
         self,
@@ -404,11 +397,17 @@ class Stream:
             raise StreamClosed(f"The stream has ended ({self._close_reason}).")
         transport = self._transport
         try:
-            if isinstance(transport, QueueTransport) and owner:
-                # The owner's own events wait only until its next yield: never refuse them.
-                transport.write_unbounded(chunk)
+            # No send ever waits here, where the application may hold its own locks.
+            # The owner's own events are never refused: they wait for its next yield
+            # (queue path), or in the backlog, which its loop drains before going on
+            # (direct path). Other threads' events are bounded by max_backlog.
+            if isinstance(transport, QueueTransport):
+                if owner:
+                    transport.write_unbounded(chunk)
+                else:
+                    transport.write(chunk)
             else:
-                transport.write(chunk)
+                transport.write(chunk, bounded=not owner)
         except TransportClosed as e:
             self._end_locked(str(e), abort=True)
             raise StreamClosed(f"The stream has ended ({e})") from None
@@ -424,6 +423,7 @@ class Stream:
             pass  # already released: the owner has a wake-up waiting
 
     def _drain_owner(self) -> None:
+        """Wait, outside the handler, until the backlog is back under its bound."""
         transport = self._transport
         assert isinstance(transport, SocketTransport)
         deadline = time.monotonic() + self.config.send_timeout
@@ -432,7 +432,8 @@ class Stream:
                 if self._closed:
                     raise StreamClosed(f"The stream has ended ({self._close_reason}).")
                 try:
-                    if transport.flush():
+                    transport.flush()
+                    if transport.pending() <= self.config.max_backlog:
                         return
                 except TransportClosed as e:
                     self._end_locked(str(e), abort=True)
@@ -620,6 +621,14 @@ class Stream:
                         f"A stream handler yielded {type(item).__name__}; yield events"
                         " (str or bytes) or 'gen.sleep(seconds)'."
                     )
+            if (
+                isinstance(self._transport, SocketTransport)
+                and self._transport.pending() > self.config.max_backlog
+            ):
+                try:
+                    self._drain_owner()
+                except StreamClosed:
+                    return
             wait = 0.0
             with self._lock:
                 data = b""

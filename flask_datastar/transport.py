@@ -138,15 +138,25 @@ class SocketTransport:
         self.sock = sock
         self.max_backlog = max_backlog
         self._backlog = bytearray()
+        # How far the stream's own (unbounded) writes have grown the backlog: other
+        # threads may add max_backlog on top of it before the client counts as not
+        # reading. Reset when the backlog is empty.
+        self._allowance = 0
         self._on_backlog = on_backlog
         self.closed = False
 
     def pending(self) -> int:
         return len(self._backlog)
 
-    def write(self, chunk: Chunk) -> None:
+    def write(self, chunk: Chunk, bounded: bool = True) -> None:
+        """Send *chunk* without waiting; what the socket does not take waits in the backlog.
+
+        :param chunk: the event.
+        :param bounded: close the transport rather than let the backlog grow more
+            than *max_backlog* past what unbounded writes (the stream's own) put there.
+        """
         if self._backlog or self.closed:
-            self.write_bytes(chunk.framed)
+            self.write_bytes(chunk.framed, bounded)
             return
         # Gathered by the kernel: no framed copy of the event is built per socket.
         parts = (chunk.head, chunk.data, b"\r\n")
@@ -159,17 +169,25 @@ class SocketTransport:
             raise TransportClosed(f"The client connection failed: {e}.") from e
         if sent < len(chunk.head) + len(chunk.data) + 2:
             self._backlog += b"".join(parts)[sent:]
+            if not bounded:
+                self._allowance = len(self._backlog)
             if self._on_backlog is not None:
                 self._on_backlog(True)
 
-    def write_bytes(self, data: bytes) -> None:
-        """Send already framed bytes, keeping what does not fit in the backlog."""
+    def write_bytes(self, data: bytes, bounded: bool = True) -> None:
+        """Send already framed bytes, keeping what does not fit in the backlog.
+
+        :param data: whole chunks.
+        :param bounded: as for :meth:`write`.
+        """
         if self.closed:
             raise TransportClosed("The client connection is closed.")
         if self._backlog:
             self._backlog += data
             self.flush()
-            if len(self._backlog) > self.max_backlog:
+            if not bounded:
+                self._allowance = max(self._allowance, len(self._backlog))
+            elif len(self._backlog) > self._allowance + self.max_backlog:
                 self.closed = True
                 raise TransportClosed(
                     f"The client is not reading: its backlog is over {self.max_backlog} bytes."
@@ -178,6 +196,8 @@ class SocketTransport:
         sent = self._send(data)
         if sent < len(data):
             self._backlog += data[sent:]
+            if not bounded:
+                self._allowance = len(self._backlog)
             if self._on_backlog is not None:
                 self._on_backlog(True)
 
@@ -186,8 +206,10 @@ class SocketTransport:
         if self._backlog and not self.closed:
             sent = self._send(self._backlog)
             del self._backlog[:sent]
-            if not self._backlog and self._on_backlog is not None:
-                self._on_backlog(False)
+            if not self._backlog:
+                self._allowance = 0
+                if self._on_backlog is not None:
+                    self._on_backlog(False)
         return not self._backlog
 
     def _send(self, data: bytes | bytearray) -> int:

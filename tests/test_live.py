@@ -167,7 +167,9 @@ def test_a_stalled_client_is_ended_and_the_others_get_everything() -> None:
     clicks = 60
     with GunicornServer(APP, threads=12, env=env) as server:
         readers = [RawHTTPStream(server.port, "/sse") for _ in range(5)]
-        stalled = RawHTTPStream(server.port, "/sse", rcvbuf=4096)
+        # It ticks under the app's state lock: its sends must never hold that lock
+        # waiting for a client that does not read, or every click would hang.
+        stalled = RawHTTPStream(server.port, "/sse?tick=0.01", rcvbuf=4096)
         try:
             starts = [first_event(r).signals["count"] for r in readers]
             for _ in range(clicks):

@@ -44,7 +44,9 @@ def sse(gen: Stream) -> Iterator[Any]:
     while True:
         yield gen.sleep(tick or None)
         n += 1
-        gen.patch_signals({"tick": n})
+        # As example_app does: the state lock is held while the stream sends.
+        with state_lock:
+            gen.patch_signals({"tick": n, "count": state["count"]})
 
 
 @app.post("/click")
