@@ -88,7 +88,9 @@ class StreamConfig:
         before its stream is ended.
     :param direct_writes: allow the direct socket path where it is safe.
     :param send_timeout: seconds the stream's own thread waits for a slow
-        client to take a large event, and for the backlog at a normal end.
+        client to take its backlog (also at a normal end), and the TCP user
+        timeout of the connection: a client that acknowledges nothing for
+        that long is gone.
     """
 
     heartbeat: float = 15.0
@@ -476,8 +478,29 @@ class Stream:
         with _open_lock:
             _open.add(self)
         self._owner = threading.get_ident()
+        self._bound_unacknowledged_data()
         for hook in self._on_connect:
             hook(self)
+
+    def _bound_unacknowledged_data(self) -> None:
+        """Give up on a peer that acknowledges nothing for ``send_timeout`` seconds.
+
+        A client that vanished without FIN or RST (a sleeping laptop, a dropped
+        NAT entry) lets writes succeed until the send buffer fills, then TCP
+        retransmits for about 15 minutes before it fails, holding the thread.
+        ``TCP_USER_TIMEOUT`` bounds that; the heartbeat keeps data in flight so
+        the bound applies even to a quiet stream.
+        """
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is None or not isinstance(sock, socket.socket):
+            return
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(self.config.send_timeout * 1000))
+        except OSError:
+            pass  # not TCP after all, or the platform refuses: keep the kernel's default
 
     def _add_hooks(self, on_connect: Hook | None, on_disconnect: Hook | None) -> None:
         if on_disconnect is not None:

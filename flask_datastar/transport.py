@@ -138,9 +138,9 @@ class SocketTransport:
         self.sock = sock
         self.max_backlog = max_backlog
         self._backlog = bytearray()
-        # How far the stream's own (unbounded) writes have grown the backlog: other
-        # threads may add max_backlog on top of it before the client counts as not
-        # reading. Reset when the backlog is empty.
+        # How far the stream's own (unbounded) writes have grown the backlog past the
+        # bound: other threads may add max_backlog on top of it before the client
+        # counts as not reading. Reset when the backlog is empty.
         self._allowance = 0
         self._on_backlog = on_backlog
         self.closed = False
@@ -170,7 +170,7 @@ class SocketTransport:
         if sent < len(chunk.head) + len(chunk.data) + 2:
             self._backlog += b"".join(parts)[sent:]
             if not bounded:
-                self._allowance = len(self._backlog)
+                self._grant(len(self._backlog))
             if self._on_backlog is not None:
                 self._on_backlog(True)
 
@@ -186,7 +186,7 @@ class SocketTransport:
             self._backlog += data
             self.flush()
             if not bounded:
-                self._allowance = max(self._allowance, len(self._backlog))
+                self._grant(len(self._backlog))
             elif len(self._backlog) > self._allowance + self.max_backlog:
                 self.closed = True
                 raise TransportClosed(
@@ -197,9 +197,15 @@ class SocketTransport:
         if sent < len(data):
             self._backlog += data[sent:]
             if not bounded:
-                self._allowance = len(self._backlog)
+                self._grant(len(self._backlog))
             if self._on_backlog is not None:
                 self._on_backlog(True)
+
+    def _grant(self, size: int) -> None:
+        # Only the stream's own events larger than the bound widen it, by their size:
+        # small ones (ticks, heartbeats) to a client that reads nothing must not.
+        if size > self.max_backlog:
+            self._allowance = max(self._allowance, size)
 
     def flush(self) -> bool:
         """Send as much of the backlog as the socket takes; return whether it is empty."""

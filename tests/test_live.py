@@ -252,3 +252,13 @@ def test_a_middleware_adding_content_encoding_forces_the_fallback() -> None:
                     clicked = True
                     click(server)
             assert events[0].signals["path"] == "queue"
+
+
+def test_a_vanished_peer_is_bounded_by_the_tcp_user_timeout() -> None:
+    # A peer that acknowledges nothing would otherwise hold its thread ~15 minutes.
+    env = {"FLASK_DATASTAR_SEND_TIMEOUT": "7"}
+    with GunicornServer(APP, threads=4, env=env) as server:
+        with RawHTTPStream(server.port, "/sse?show_timeout=1") as stream:
+            events = stream.events(timeout=10)
+            assert next(events).signals["path"] == "direct"
+            assert next(events).signals == {"tcp_user_timeout": 7000}

@@ -180,3 +180,21 @@ def test_the_owners_own_events_never_wait_nor_fail_and_its_loop_drains_them(
     reader.join(10)
     assert bytes(received) == expected
     assert not gen.closed
+
+
+def test_the_owners_small_events_do_not_widen_the_bound(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Ticks and heartbeats to a client that reads nothing must not let broadcasts
+    # pile up past max_backlog.
+    server, _ = pair
+    transport = SocketTransport(server, max_backlog=8192)
+    small = Chunk(b"x" * 1000)
+    while transport.pending() == 0:
+        transport.write(small, bounded=False)
+    for _ in range(4):
+        transport.write(small, bounded=False)  # the owner's ticks
+    with pytest.raises(TransportClosed, match="not reading"):
+        for _ in range(100):
+            transport.write(small)  # a broadcaster's
+    assert transport.pending() <= 8192 + len(small.framed)

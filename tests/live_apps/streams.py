@@ -39,6 +39,10 @@ def connect(gen: Stream) -> None:
 def sse(gen: Stream) -> Iterator[Any]:
     with state_lock:
         gen.patch_signals({"pid": os.getpid(), "path": gen.path, "count": state["count"]})
+    sock = gen.environ.get("gunicorn.socket")
+    if request.args.get("show_timeout") and isinstance(sock, socket.socket):
+        timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        gen.patch_signals({"tcp_user_timeout": timeout})
     tick = float(request.args.get("tick", "0"))
     n = 0
     while True:
