@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import random
 import threading
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from .stream import StreamClosed
 from .transport import Chunk
 
 if TYPE_CHECKING:
@@ -91,7 +93,6 @@ class SSERegistry:
         self._subscribed_pid: int | None = None
         self._subscribe_lock = threading.Lock()
         self._bus_down = False
-        self.delivered = 0
         if bus is not None:
             self.attach_bus(bus)
 
@@ -201,8 +202,6 @@ class SSERegistry:
             try:
                 fn(gen)
             except Exception as e:
-                from .stream import StreamClosed
-
                 if not isinstance(e, StreamClosed):
                     log.warning("flask_datastar: dropping %r from %r: %r", gen, self, e)
                 self.unregister(gen)
@@ -367,8 +366,6 @@ class SSERegistry:
                     gen.send(f"retry: {delay}\n\n")
                     gen.close(reconnect=True)
             except Exception as e:
-                from .stream import StreamClosed
-
                 if not isinstance(e, StreamClosed):
                     log.warning("flask_datastar: resync of %r failed: %r", gen, e)
                 gen.close(reconnect=True)
@@ -406,17 +403,7 @@ class SSERegistry:
                     continue
                 self._busy = True
             streams = self.snapshot(item.key) if item.to_key else self.snapshot()
-            chunk = item.chunk
-            for gen in streams:
-                try:
-                    gen.send(chunk)
-                    self.delivered += 1
-                except Exception as e:
-                    from .stream import StreamClosed
-
-                    if not isinstance(e, StreamClosed):
-                        log.warning("flask_datastar: dropping %r from %r: %r", gen, self, e)
-                    self.unregister(gen)
+            self._call_each(streams, operator.methodcaller("send", item.chunk))
 
 
 def _hashable(value: Any) -> Any:
