@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
-from .stream import StreamClosed
+from .stream import StreamClosed, check_event
 from .transport import Chunk
 
 if TYPE_CHECKING:
@@ -222,6 +222,7 @@ class SSERegistry:
             event still waiting when a newer one with the same label arrives
             is dropped, and the newer one takes its turn at the end of the
             queue. Leave it ``None`` for events that must all arrive.
+        :raises ValueError: *event* is empty or does not end with a blank line.
         """
         self._publish(False, None, event, coalesce)
 
@@ -301,6 +302,8 @@ class SSERegistry:
     def _publish(
         self, to_key: bool, key: Any, event: str | bytes, coalesce: Hashable | None
     ) -> None:
+        # Refused here, in the command that sent it, rather than on every stream.
+        check_event(event)
         if isinstance(event, bytes):
             event = event.decode("utf-8")
         bus = self._bus

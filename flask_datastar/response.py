@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Concatenate, ParamSpec, Protocol, overload
 
@@ -10,7 +12,15 @@ from flask import Response, current_app, has_request_context, request, stream_wi
 from werkzeug.exceptions import ServiceUnavailable
 
 from .sse import SSE_HEADERS
-from .stream import Handler, Hook, Stream, StreamConfig, open_streams, process_stream_limit
+from .stream import (
+    ASYNC_HANDLER,
+    Handler,
+    Hook,
+    Stream,
+    StreamConfig,
+    process_stream_limit,
+    refuse_async,
+)
 
 __all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
 
@@ -23,6 +33,8 @@ class StreamDecorator(Protocol):
     """What ``sse_stream(on_connect=...)`` returns: a decorator for stream views."""
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]: ...
+
+
 Content = str | bytes | Iterable[Any] | None
 
 
@@ -68,7 +80,12 @@ class DatastarResponse(Response):
         all_headers = dict(SSE_HEADERS)
         if headers:
             all_headers.update(headers)
+        if inspect.iscoroutine(content) or inspect.isasyncgen(content):
+            if inspect.iscoroutine(content):
+                content.close()
+            raise TypeError(f"DatastarResponse got {type(content).__name__}. {ASYNC_HANDLER}")
         if handler is not None:
+            refuse_async(handler, "The stream handler")
             if content is not None:
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
             body = self._open(handler, on_connect, on_disconnect)
@@ -95,17 +112,26 @@ class DatastarResponse(Response):
             # The headers are the whole answer: no stream, no hooks, no thread held.
             return []
         config, max_streams = _settings()
-        if max_streams is not None and len(open_streams()) >= max_streams:
+        environ = request.environ if has_request_context() else {}
+        stream = Stream(environ, config, on_connect=on_connect, on_disconnect=on_disconnect)
+        if not stream._admit(max_streams):
             raise ServiceUnavailable(
                 f"This server process already holds {max_streams} streams, its limit"
                 " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"
                 " requests); try again later."
             )
-        environ = request.environ if has_request_context() else {}
-        self.datastar_stream = Stream(
-            environ, config, on_connect=on_connect, on_disconnect=on_disconnect
-        )
-        body = self.datastar_stream._run(handler)
+        try:
+            # In the view, before any byte leaves: an error here gets Flask's own
+            # error response instead of a connection cut before its status line.
+            stream._connect()
+        except BaseException:
+            stream._abandon()
+            raise
+        self.datastar_stream = stream
+        body = stream._run(handler)
+        # A response that is dropped before the server runs it (an after_request
+        # hook failed) still ends its stream, leaving its registries and its slot.
+        weakref.finalize(body, stream._abandon)
         # Keep the request context (request, session, g) alive while the stream runs.
         return stream_with_context(body) if has_request_context() else body
 
@@ -187,6 +213,8 @@ class _StreamDecorator:
         self.on_disconnect = on_disconnect
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
+        refuse_async(view, "The stream view")
+
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> DatastarResponse:
             return sse_response(
@@ -206,7 +234,9 @@ def datastar_response(view: Callable[P, Any]) -> Callable[P, Response]:
     returning one event or a list of events gives a short response.
 
     :param view: the view function.
+    :raises TypeError: *view* is ``async def`` (streams run on the server's threads).
     """
+    refuse_async(view, "The view")
 
     @functools.wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:

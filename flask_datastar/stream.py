@@ -25,9 +25,9 @@ The life of a stream:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import random
-import select
 import socket
 import threading
 import time
@@ -51,6 +51,7 @@ from .transport import (
     SocketWatcher,
     TransportClosed,
     direct_socket,
+    wait_writable,
 )
 
 if TYPE_CHECKING:
@@ -74,8 +75,49 @@ _HEARTBEAT = Chunk(comment())
 class StreamClosed(ConnectionError):
     """Raised when sending on a stream that has ended.
 
-    Inside a handler it needs no catching: the stream ends quietly.
+    Inside a handler it needs no catching when it comes from the handler's own
+    stream: that stream has ended, and the handler ends quietly with it. Raised
+    by *another* stream (the handler wrote to a peer that left), it is an
+    error like any other, and ends the handler's stream too.
+
+    :param message: what happened.
+    :param stream: the stream that has ended.
     """
+
+    def __init__(self, message: str = "", stream: Stream | None = None) -> None:
+        super().__init__(message)
+        self.stream = stream
+
+
+def check_event(event: str | bytes) -> None:
+    """Raise :class:`ValueError` unless *event* is the text of whole events.
+
+    An event ends with a blank line. Text without one would be merged by the
+    client with whatever comes next, and an empty event would be framed as the
+    end of the response: both are refused where they are sent, not on the wire.
+
+    :param event: the text to send.
+    """
+    if isinstance(event, bytes):
+        complete = event.endswith((b"\n\n", b"\r\r", b"\r\n\r\n"))
+    elif isinstance(event, str):
+        complete = event.endswith(("\n\n", "\r\r", "\r\n\r\n"))
+    else:
+        raise TypeError(
+            f"An event is text (str or bytes), not {type(event).__name__}; build it with"
+            " 'SSE.patch_elements(...)' and friends."
+        )
+    if not event:
+        raise ValueError(
+            "Cannot send an empty event; build events with 'SSE.patch_elements(...)' and"
+            " friends, and skip the send when there is nothing to say."
+        )
+    if not complete:
+        preview = event[-40:]
+        raise ValueError(
+            f"Cannot send {preview!r}: an event must end with a blank line ('\\n\\n')."
+            " Build events with 'SSE.patch_elements(...)' and friends."
+        )
 
 
 @dataclass(frozen=True)
@@ -203,6 +245,7 @@ class Stream:
         "_pending_sleep",
         "_server_response",
         "_registries",
+        "_started",
     )
 
     def __init__(
@@ -236,6 +279,7 @@ class Stream:
         self._pending_sleep: Sleep | None = None
         self._server_response: object = None
         self._registries: set[SSERegistry] = set()
+        self._started = False
         self.sent_events = 0
 
     def __repr__(self) -> str:
@@ -271,8 +315,13 @@ class Stream:
 
         :param event: the event text, or a :class:`~flask_datastar.transport.Chunk`.
         :raises StreamClosed: the stream has ended.
+        :raises ValueError: *event* is empty, or does not end with a blank line.
         """
-        chunk = event if isinstance(event, Chunk) else Chunk(event)
+        if isinstance(event, Chunk):
+            chunk = event
+        else:
+            check_event(event)
+            chunk = Chunk(event)
         owner = threading.get_ident() == self._owner
         with self._lock:
             self._write_locked(chunk, owner)
@@ -396,7 +445,7 @@ class Stream:
 
     def _write_locked(self, chunk: Chunk, owner: bool) -> None:
         if self._closed:
-            raise StreamClosed(f"The stream has ended ({self._close_reason}).")
+            raise StreamClosed(f"The stream has ended ({self._close_reason}).", self)
         transport = self._transport
         try:
             # No send ever waits here, where the application may hold its own locks.
@@ -412,7 +461,7 @@ class Stream:
                 transport.write(chunk, bounded=not owner)
         except TransportClosed as e:
             self._end_locked(str(e), abort=True)
-            raise StreamClosed(f"The stream has ended ({e})") from None
+            raise StreamClosed(f"The stream has ended ({e})", self) from None
         self._last_write = time.monotonic()
         self.sent_events += 1
         if not transport.direct:
@@ -432,32 +481,34 @@ class Stream:
         while True:
             with self._lock:
                 if self._closed:
-                    raise StreamClosed(f"The stream has ended ({self._close_reason}).")
+                    raise StreamClosed(f"The stream has ended ({self._close_reason}).", self)
                 try:
                     transport.flush()
                     if transport.pending() <= self.config.max_backlog:
                         return
                 except TransportClosed as e:
                     self._end_locked(str(e), abort=True)
-                    raise StreamClosed(str(e)) from None
+                    raise StreamClosed(str(e), self) from None
             left = deadline - time.monotonic()
             if left <= 0:
                 self._end(f"the client took no data for {self.config.send_timeout} s", abort=True)
-                raise StreamClosed(self._close_reason)
-            select.select([], [transport.sock], [], min(left, 1.0))
+                raise StreamClosed(self._close_reason, self)
+            wait_writable(transport.sock, min(left, 1.0))
 
     def _peer_gone(self, reason: str) -> None:
         self._end(reason, abort=True)
 
-    def _socket_writable(self) -> None:
+    def _socket_writable(self) -> bool:
+        """Flush the backlog (the watcher saw the socket writable); return whether some is left."""
         with self._lock:
             transport = self._transport
             if self._closed or not isinstance(transport, SocketTransport):
-                return
+                return False
             try:
-                transport.flush()
+                return not transport.flush()
             except TransportClosed as e:
                 self._end_locked(str(e), abort=True)
+                return False
 
     def _end(self, reason: str, abort: bool) -> None:
         with self._lock:
@@ -468,19 +519,49 @@ class Stream:
             self._closed = True
             self._abort = abort
             self._close_reason = reason
+            transport = self._transport
+            if isinstance(transport, SocketTransport):
+                # Nothing for the watcher to do any more: a closed stream that stayed
+                # watched would keep waking it (its backlog is never flushed), and its
+                # socket's number may soon belong to another client.
+                SocketWatcher.get().remove(transport.sock)
         elif abort:
             self._abort = True
+        if abort and isinstance(self._transport, SocketTransport):
+            self._transport.close()
         self._notify()
 
     # -- the owner thread ---------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _admit(self, limit: int | None) -> bool:
+        """Count the stream as open unless *limit* streams already are; return whether it is.
+
+        The check and the count are one step, so concurrent opens cannot
+        overshoot the limit.
+        """
         with _open_lock:
+            if limit is not None and len(_open) >= limit:
+                return False
             _open.add(self)
+            return True
+
+    def _connect(self) -> None:
+        """Run the ``on_connect`` hooks, in the view, before the response leaves.
+
+        An error here is an ordinary error of the view: Flask turns it into
+        its response (a 500, or the status of an ``abort(403)``), and the
+        hooks' writes to the session reach the response's cookie.
+        """
         self._owner = threading.get_ident()
-        self._bound_unacknowledged_data()
         for hook in self._on_connect:
             hook(self)
+
+    def _abandon(self) -> None:
+        """End a stream whose response never ran (the view failed after opening it)."""
+        if self._started:
+            return  # its response iterator ends it
+        self._end("the response was never sent", abort=False)
+        self._disconnect()
 
     def _bound_unacknowledged_data(self) -> None:
         """Give up on a peer that acknowledges nothing for ``send_timeout`` seconds.
@@ -567,9 +648,11 @@ class Stream:
 
     def _run(self, handler: Handler) -> Iterator[bytes]:
         """The response iterator: drive *handler* and hand bytes to the server."""
+        self._started = True
+        self._owner = threading.get_ident()
         handler_iter: Iterator[HandlerItem] | None = None
         try:
-            self._connect()
+            self._bound_unacknowledged_data()
             with self._lock:
                 pending = self._transport
                 first = pending.take() if isinstance(pending, QueueTransport) else b""
@@ -577,9 +660,8 @@ class Stream:
             yield first or _HEARTBEAT.data
             self._last_write = time.monotonic()
             self._take_direct_path()
-            handler_iter, result = self._start(handler)
-            if handler_iter is None and not result:
-                self._end("the handler returned", abort=False)
+            if not self._closed:
+                handler_iter = self._start(handler)
             yield from self._loop(handler_iter)
         except GeneratorExit:
             self._end("the server closed the response", abort=False)
@@ -594,17 +676,109 @@ class Stream:
             finally:
                 self._finish()
 
-    def _start(self, handler: Handler) -> tuple[Iterator[HandlerItem] | None, bool]:
+    def _start(self, handler: Handler) -> Iterator[HandlerItem] | None:
+        """Call the handler; return its steps, or ``None`` once it has nothing more to do."""
         try:
             result = self._step(lambda: handler(self))
-        except StreamClosed:
-            return None, False
+        except StreamClosed as e:
+            self._own_end(e)
+            return None
         if result is None:
-            return None, False
+            self._end("the handler returned", abort=False)
+            return None
         if isinstance(result, (str, bytes)):
-            self.send(result)
+            try:
+                check_event(result)
+            except ValueError as e:
+                self._misused(e)
+                return None
+            try:
+                self.send(result)
+            except StreamClosed:
+                pass
+            self._end("the handler returned", abort=False)
+            return None
+        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited, and never will be: say so quietly
+            self._misused(TypeError(ASYNC_HANDLER))
+            return None
+        try:
+            steps: Iterator[HandlerItem] = iter(result)
+        except TypeError:
+            self._misused(
+                TypeError(
+                    f"A stream handler returned {type(result).__name__}; return None, an event,"
+                    " or make it a generator ('yield gen.sleep(1)')."
+                )
+            )
+            return None
+        return steps
+
+    def _own_end(self, error: StreamClosed) -> None:
+        """The handler stopped on *error*: quietly if its own stream ended, else it failed."""
+        if error.stream is not None and error.stream is not self and not self._closed:
+            # It wrote to another stream that has ended and did not catch it: an
+            # error like any other, which must not leave this stream open.
+            raise error
+        self._end("the handler returned", abort=False)
+
+    def _misused(self, error: Exception) -> None:
+        """The handler gave the stream something it cannot send: log it, end cleanly.
+
+        A clean end keeps the client from reconnecting straight into the same
+        mistake (the Datastar client reopens only streams that broke off).
+        """
+        log.error(
+            "flask_datastar: ending the stream %s: %s",
+            self.environ.get("PATH_INFO", ""),
+            error,
+            exc_info=error if error.__traceback__ is not None else None,
+        )
+        self._end(f"the handler failed: {error}", abort=False)
+
+    def _check_item(self, item: object) -> Exception | None:
+        if item is None or isinstance(item, Sleep):
+            return None
+        if isinstance(item, (str, bytes)):
+            try:
+                check_event(item)
+            except ValueError as e:
+                return e
+            return None
+        return TypeError(
+            f"A stream handler yielded {type(item).__name__}; yield events (str or bytes),"
+            " 'gen.sleep(seconds)' or None."
+        )
+
+    def _next_step(self, steps: Iterator[HandlerItem]) -> tuple[HandlerItem, bool]:
+        """Run the handler's next step; return what it yielded and whether it goes on.
+
+        What it yields that cannot be sent is thrown back into it at its
+        ``yield``, so the traceback names the line; left uncaught, the stream
+        ends (see :meth:`_misused`).
+        """
+        try:
+            item = self._step(functools.partial(next, steps))
+            while (problem := self._check_item(item)) is not None:
+                throw = getattr(steps, "throw", None)
+                if throw is None:
+                    self._misused(problem)
+                    return None, False
+                try:
+                    item = self._step(functools.partial(throw, problem))
+                except BaseException as e:
+                    if e is problem:
+                        self._misused(problem)
+                        return None, False
+                    raise
+        except StopIteration:
+            self._end("the handler returned", abort=False)
             return None, False
-        return iter(result), True
+        except StreamClosed as e:
+            self._own_end(e)
+            return None, False
+        return item, True
 
     def _step(self, fn: Callable[[], Any]) -> Any:
         previous = getattr(_local, "stream", None)
@@ -620,16 +794,10 @@ class Stream:
         heartbeat = self.config.heartbeat
         while True:
             if steps is not None and not self._closed and time.monotonic() >= wake_at:
-                try:
-                    item = self._step(functools.partial(next, steps))
-                except StopIteration:
+                item, alive = self._next_step(steps)
+                if not alive:
                     steps = None
-                    self._end("the handler returned", abort=False)
-                    item = None
-                except StreamClosed:
-                    steps = None
-                    item = None
-                if isinstance(item, Sleep):
+                elif isinstance(item, Sleep):
                     self._pending_sleep = None
                     wake_at = (
                         float("inf") if item.seconds is None else time.monotonic() + item.seconds
@@ -639,11 +807,6 @@ class Stream:
                         self.send(item)
                     except StreamClosed:
                         pass
-                elif item is not None:
-                    raise TypeError(
-                        f"A stream handler yielded {type(item).__name__}; yield events"
-                        " (str or bytes) or 'gen.sleep(seconds)'."
-                    )
             if (
                 isinstance(self._transport, SocketTransport)
                 and self._transport.pending() > self.config.max_backlog
@@ -694,6 +857,26 @@ class Stream:
                 self._abort_connection()
         finally:
             self._disconnect()
+
+
+#: Why an ``async def`` handler cannot drive a stream, and what to write instead.
+ASYNC_HANDLER = (
+    "flask_datastar streams run on the WSGI server's threads and cannot drive 'async def'"
+    " handlers or async generators. Write the handler as a plain generator function"
+    " ('def', pausing with 'yield gen.sleep(seconds)'), or return 'DatastarResponse(events)'"
+    " from an async view for a one-shot answer."
+)
+
+
+def refuse_async(fn: object, what: str) -> None:
+    """Raise :class:`TypeError` if *fn* is an ``async def`` function or async generator.
+
+    :param fn: the view or handler.
+    :param what: how the caller names it, for the message.
+    """
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(f"{what} {name!r} is 'async def'. {ASYNC_HANDLER}")
 
 
 def current_stream() -> Stream:

@@ -22,24 +22,73 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 __all__ = [
+    "DIRECT_WRITES_SUPPORTED",
     "Chunk",
     "QueueTransport",
     "SocketTransport",
     "SocketWatcher",
     "TransportClosed",
     "direct_socket",
+    "wait_writable",
 ]
 
 log = logging.getLogger("flask_datastar")
+
+#: Whether this platform has what the direct path needs: epoll (with ``EPOLLRDHUP``, to
+#: see a client's FIN), non-blocking gathered sends and ``MSG_NOSIGNAL``. Linux has them;
+#: elsewhere (macOS, Windows) every stream takes the portable queue path.
+DIRECT_WRITES_SUPPORTED = (
+    sys.platform.startswith("linux")
+    and hasattr(select, "epoll")
+    and hasattr(select, "EPOLLRDHUP")
+    and hasattr(select, "poll")
+    and hasattr(socket, "MSG_NOSIGNAL")
+    and hasattr(socket, "MSG_DONTWAIT")
+    and hasattr(socket.socket, "sendmsg")
+)
+
+# Looked up when a send happens, not at import: the names do not exist everywhere.
+_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encode(text: str) -> bytes:
+    """Encode *text* as UTF-8, never failing.
+
+    A lone surrogate (which JSON's ``\\ud800`` escapes can produce) has no UTF-8
+    form; it becomes U+FFFD, the replacement character, rather than an error that
+    would end every stream the event was meant for.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+def wait_writable(sock: socket.socket, timeout: float) -> bool:
+    """Wait up to *timeout* seconds for *sock* to be writable; return whether it is.
+
+    ``select.select`` cannot watch a file descriptor of 1024 or more, which a worker
+    holding a thousand clients reaches: ``poll`` has no such limit.
+    """
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    _, writable, _ = select.select([], [sock], [], timeout)  # Windows: no poll, no limit
+    return bool(writable)
 
 
 class TransportClosed(ConnectionError):
@@ -56,7 +105,10 @@ class Chunk:
     __slots__ = ("data", "head")
 
     def __init__(self, data: bytes | str) -> None:
-        self.data = data.encode("utf-8") if isinstance(data, str) else data
+        self.data = _encode(data) if isinstance(data, str) else bytes(data)
+        if not self.data:
+            # As an HTTP/1.1 chunk, nothing is "0\r\n\r\n": the end of the response.
+            raise ValueError("A chunk cannot be empty: there is no empty event.")
         self.head = b"%X\r\n" % len(self.data)
 
     @property
@@ -148,6 +200,14 @@ class SocketTransport:
     def pending(self) -> int:
         return len(self._backlog)
 
+    def close(self) -> None:
+        """Stop writing: later writes raise :class:`TransportClosed`; the backlog is kept."""
+        if not self.closed:
+            self.closed = True
+            if self._backlog and self._on_backlog is not None:
+                # Nothing will ever flush it: stop asking to be told of writability.
+                self._on_backlog(False)
+
     def write(self, chunk: Chunk, bounded: bool = True) -> None:
         """Send *chunk* without waiting; what the socket does not take waits in the backlog.
 
@@ -161,11 +221,11 @@ class SocketTransport:
         # Gathered by the kernel: no framed copy of the event is built per socket.
         parts = (chunk.head, chunk.data, b"\r\n")
         try:
-            sent = self.sock.sendmsg(parts, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sent = self.sock.sendmsg(parts, (), _SEND_FLAGS)
         except BlockingIOError:
             sent = 0
         except OSError as e:
-            self.closed = True
+            self.close()
             raise TransportClosed(f"The client connection failed: {e}.") from e
         if sent < len(chunk.head) + len(chunk.data) + 2:
             self._backlog += b"".join(parts)[sent:]
@@ -188,7 +248,7 @@ class SocketTransport:
             if not bounded:
                 self._grant(len(self._backlog))
             elif len(self._backlog) > self._allowance + self.max_backlog:
-                self.closed = True
+                self.close()
                 raise TransportClosed(
                     f"The client is not reading: its backlog is over {self.max_backlog} bytes."
                 )
@@ -220,11 +280,11 @@ class SocketTransport:
 
     def _send(self, data: bytes | bytearray) -> int:
         try:
-            return self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            return self.sock.send(data, _SEND_FLAGS)
         except BlockingIOError:
             return 0
         except OSError as e:
-            self.closed = True
+            self.close()
             raise TransportClosed(f"The client connection failed: {e}.") from e
 
     def flush_blocking(self, timeout: float) -> bool:
@@ -234,7 +294,7 @@ class SocketTransport:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            select.select([], [self.sock], [], left)
+            wait_writable(self.sock, min(left, 1.0))
         return not self.closed
 
 
@@ -257,6 +317,8 @@ def direct_socket(environ: Mapping[str, Any], server_response: object) -> socket
     :param environ: the WSGI environ of the request.
     :param server_response: the object ``start_response`` is bound to.
     """
+    if not DIRECT_WRITES_SUPPORTED:
+        return None
     sock = environ.get("gunicorn.socket")
     # gevent and eventlet sockets are not socket.socket; TLS needs its own framing.
     if type(sock) is not socket.socket or isinstance(sock, ssl.SSLSocket):
@@ -282,7 +344,16 @@ def direct_socket(environ: Mapping[str, Any], server_response: object) -> socket
 class _Watched(Protocol):
     def _peer_gone(self, reason: str) -> None: ...
 
-    def _socket_writable(self) -> None: ...
+    def _socket_writable(self) -> bool: ...
+
+
+class _Entry:
+    __slots__ = ("sock", "owner", "mask")
+
+    def __init__(self, sock: socket.socket, owner: _Watched, mask: int) -> None:
+        self.sock = sock
+        self.owner = owner
+        self.mask = mask
 
 
 class SocketWatcher:
@@ -291,18 +362,28 @@ class SocketWatcher:
     Readable with ``recv(MSG_PEEK)`` returning ``b""`` means the client sent
     FIN: its stream ends at once instead of at the next failed write. A client
     that sends bytes is pipelining; it is no longer watched for reading.
+
+    epoll reports file descriptor numbers, and the kernel hands a closed
+    socket's number to the next connection: an event read just before one
+    socket left and another took its number may belong to the old one. So the
+    watcher never ends a stream on an event alone; it asks the socket it holds
+    now for its state, and acts only on what that socket reports.
     """
 
     _instance: SocketWatcher | None = None
     _instance_lock = threading.Lock()
 
-    IN = select.EPOLLIN | select.EPOLLRDHUP
-    OUT = select.EPOLLOUT
-
     def __init__(self) -> None:
+        if not DIRECT_WRITES_SUPPORTED:
+            raise RuntimeError(
+                "The socket watcher needs epoll (Linux); streams use the portable queue path"
+                " elsewhere."
+            )
+        self.IN = select.EPOLLIN | select.EPOLLRDHUP
+        self.OUT = select.EPOLLOUT
         self._epoll = select.epoll()
         self._lock = threading.Lock()
-        self._watched: dict[int, tuple[socket.socket, _Watched, int]] = {}
+        self._watched: dict[int, _Entry] = {}
         self._pid = os.getpid()
         self._thread = threading.Thread(
             target=self._run, name="flask_datastar-socket-watcher", daemon=True
@@ -318,33 +399,60 @@ class SocketWatcher:
             return cls._instance
 
     def add(self, sock: socket.socket, owner: _Watched) -> None:
+        """Watch *sock* for its client's FIN on behalf of *owner*."""
         fd = sock.fileno()
         with self._lock:
-            self._watched[fd] = (sock, owner, self.IN)
-            self._epoll.register(fd, self.IN)
-
-    def want_write(self, sock: socket.socket, wanted: bool) -> None:
-        fd = sock.fileno()
-        with self._lock:
-            entry = self._watched.get(fd)
-            if entry is None:
-                return
-            mask = (entry[2] | self.OUT) if wanted else (entry[2] & ~self.OUT)
-            if mask != entry[2]:
-                self._watched[fd] = (entry[0], entry[1], mask)
-                self._epoll.modify(fd, mask)
-
-    def remove(self, sock: socket.socket) -> None:
-        try:
-            fd = sock.fileno()
-        except OSError:
-            return
-        with self._lock:
-            if self._watched.pop(fd, None) is not None:
+            old = self._watched.pop(fd, None)
+            if old is not None:
+                # A socket that closed without being removed left its number behind.
                 try:
                     self._epoll.unregister(fd)
                 except OSError:
                     pass
+            self._watched[fd] = _Entry(sock, owner, self.IN)
+            self._epoll.register(fd, self.IN)
+
+    def want_write(self, sock: socket.socket, wanted: bool) -> None:
+        """Ask to be told (through ``owner._socket_writable()``) when *sock* can take data."""
+        with self._lock:
+            fd, entry = self._find(sock)
+            if entry is None:
+                return
+            mask = (entry.mask | self.OUT) if wanted else (entry.mask & ~self.OUT)
+            self._set_mask(fd, entry, mask)
+
+    def remove(self, sock: socket.socket) -> None:
+        """Stop watching *sock*; a newer socket that took its number is left alone."""
+        with self._lock:
+            fd, entry = self._find(sock)
+            if entry is None:
+                return
+            del self._watched[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed: the kernel dropped it from the set itself
+
+    def _find(self, sock: socket.socket) -> tuple[int, _Entry | None]:
+        # Under self._lock. Only the entry of this very socket object counts.
+        fd = sock.fileno()
+        entry = self._watched.get(fd)
+        if entry is not None and entry.sock is sock:
+            return fd, entry
+        if fd == -1:  # closed already: find it by identity
+            for number, candidate in self._watched.items():
+                if candidate.sock is sock:
+                    return number, candidate
+        return fd, None
+
+    def _set_mask(self, fd: int, entry: _Entry, mask: int) -> None:
+        # Under self._lock.
+        if mask != entry.mask:
+            entry.mask = mask
+            try:
+                self._epoll.modify(fd, mask)
+            except (OSError, ValueError):
+                pass  # the socket closed meanwhile; its owner is about to remove it
 
     def __len__(self) -> int:
         return len(self._watched)
@@ -365,30 +473,53 @@ class SocketWatcher:
                 except Exception:  # the watcher must outlive any one stream
                     log.exception("flask_datastar: error while watching a client socket")
 
-    def _handle(self, fd: int, mask: int, entry: tuple[socket.socket, _Watched, int]) -> None:
-        sock, owner, _ = entry
-        if mask & (select.EPOLLERR | select.EPOLLHUP):
-            self.remove(sock)
-            owner._peer_gone("the connection was reset")
-            return
+    def _handle(self, fd: int, mask: int, entry: _Entry) -> None:
+        sock, owner = entry.sock, entry.owner
         if mask & self.OUT:
-            owner._socket_writable()
-        if mask & (select.EPOLLIN | select.EPOLLRDHUP):
-            try:
-                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.remove(sock)
-                owner._peer_gone(f"the connection failed ({errno.errorcode.get(e.errno or 0, e)})")
-                return
-            if data == b"":
-                self.remove(sock)
-                owner._peer_gone("the client closed the connection")
-            else:
+            if not owner._socket_writable():
+                # Nothing left to flush (or the stream ended): a level-triggered
+                # EPOLLOUT left set would wake this thread in a busy loop.
                 with self._lock:
-                    current = self._watched.get(fd)
-                    if current is not None:
-                        mask = current[2] & ~self.IN
-                        self._watched[fd] = (current[0], current[1], mask)
-                        self._epoll.modify(fd, mask)
+                    if self._watched.get(fd) is entry:
+                        self._set_mask(fd, entry, entry.mask & ~self.OUT)
+        if not mask & (self.IN | select.EPOLLERR | select.EPOLLHUP):
+            return
+        gone = _probe(sock, hangup=bool(mask & (select.EPOLLERR | select.EPOLLHUP)))
+        if gone is None:
+            return  # alive: the event was stale, or the client is pipelining
+        if gone == "":
+            # Pipelining bytes wait for the server; stop watching for reading.
+            with self._lock:
+                if self._watched.get(fd) is entry:
+                    self._set_mask(fd, entry, entry.mask & ~self.IN)
+            return
+        self.remove(sock)
+        owner._peer_gone(gone)
+
+
+def _probe(sock: socket.socket, hangup: bool = False) -> str | None:
+    """Ask *sock* itself whether its client has gone.
+
+    :param hangup: epoll reported a hang-up or an error; it is confirmed on the
+        socket as it is now (the event may have been about an earlier socket).
+    :return: why the client is gone; ``""`` when it sent bytes (pipelining);
+        ``None`` when nothing happened.
+    """
+    if hangup:
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            now = poller.poll(0)
+        except (OSError, ValueError):
+            return "the connection was closed"
+        if now and now[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return "the connection was reset"
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        if sock.fileno() == -1:
+            return "the connection was closed"
+        return f"the connection failed ({errno.errorcode.get(e.errno or 0, e)})"
+    return "the client closed the connection" if data == b"" else ""

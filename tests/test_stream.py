@@ -7,6 +7,7 @@ stream) and closed, as a WSGI server does.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -297,14 +298,49 @@ def test_sleep_must_be_yielded(app: Flask) -> None:
         open_stream(app).rest()
 
 
-def test_yielding_something_else_is_a_type_error(app: Flask) -> None:
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (42, "yielded int"),
+        ("", "empty event"),
+        (b"", "empty event"),
+        ("event: x\ndata: y\n", "must end with a blank line"),
+    ],
+)
+def test_yielding_what_cannot_be_sent_ends_the_stream_cleanly(
+    app: Flask, caplog: pytest.LogCaptureFixture, bad: object, message: str
+) -> None:
+    """The mistake is thrown back at the handler's ``yield`` (so the traceback names the
+    line) and logged; the stream then ends cleanly, so the client does not reconnect
+    straight into the same mistake."""
+    ended = []
+
+    @app.get("/s")
+    @sse_stream(on_disconnect=lambda gen: ended.append(gen.close_reason))
+    def handler(gen: Stream) -> Iterator[Any]:
+        gen.patch_signals({"n": 1})
+        yield bad
+        gen.patch_signals({"n": 2})  # never reached
+
+    reader = open_stream(app)
+    assert [e.signals for e in reader.rest()] == [{"n": 1}]  # ends without an exception
+    assert len(ended) == 1 and message in ended[0]
+    [record] = [r for r in caplog.records if r.name == "flask_datastar"]
+    assert record.levelname == "ERROR" and message in record.getMessage()
+    assert record.exc_info is not None
+    assert "yield bad" in "".join(traceback.format_tb(record.exc_info[2]))
+
+
+def test_a_handler_may_catch_what_it_yielded_wrong(app: Flask) -> None:
     @app.get("/s")
     @sse_stream
     def handler(gen: Stream) -> Iterator[Any]:
-        yield 42
+        try:
+            yield "not an event"
+        except ValueError:
+            yield SSE.patch_signals({"recovered": True})
 
-    with pytest.raises(TypeError, match="yielded int"):
-        open_stream(app).rest()
+    assert [e.signals for e in open_stream(app).rest()] == [{"recovered": True}]
 
 
 def test_datastar_response_generator_views(app: Flask) -> None:

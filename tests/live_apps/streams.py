@@ -5,13 +5,15 @@ environment (``FLASK_DATASTAR_*``, plus the ``TEST_*`` variables below)."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, abort, jsonify, request
 
 from flask_datastar import SSE, FlaskDatastar, Stream, open_streams, sse_response
 
@@ -25,6 +27,25 @@ state_lock = threading.Lock()
 disconnects: list[str] = []
 # A small send buffer makes a client that does not read fill it quickly.
 SNDBUF = int(os.environ.get("TEST_SNDBUF", "0"))
+# Holding this many files open pushes every client socket's number past 1023, where
+# select.select() no longer works, as in a worker that holds a thousand tabs.
+HOG_FDS = int(os.environ.get("TEST_HOG_FDS", "0"))
+if HOG_FDS:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hogged = [os.open(os.devnull, os.O_RDONLY) for _ in range(HOG_FDS)]
+# Work after the view (as a session save or an after_request hook does) widens the
+# window between building a stream's response and the server starting to send it.
+AFTER_REQUEST_DELAY = float(os.environ.get("TEST_AFTER_REQUEST_DELAY", "0"))
+if AFTER_REQUEST_DELAY:
+
+    @app.after_request
+    def slow_after_request(response: Response) -> Response:
+        time.sleep(AFTER_REQUEST_DELAY)
+        return response
+
+
+blocker = threading.Event()
 
 
 def connect(gen: Stream) -> None:
@@ -51,6 +72,95 @@ def sse(gen: Stream) -> Iterator[Any]:
         # As example_app does: the state lock is held while the stream sends.
         with state_lock:
             gen.patch_signals({"tick": n, "count": state["count"]})
+
+
+@app.get("/big")
+def big() -> Any:
+    """Large events for a slow reader: the backlog is flushed at the end (one-shot) or
+    drained between steps (``loop=1``)."""
+    size, count = int(request.args["size"]), int(request.args.get("count", "1"))
+    loop = request.args.get("loop") == "1"
+
+    def handler(gen: Stream) -> Iterator[Any] | None:
+        sock = gen.environ.get("gunicorn.socket")
+        if SNDBUF and isinstance(sock, socket.socket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        gen.patch_signals({"fd": sock.fileno() if isinstance(sock, socket.socket) else -1})
+        if not loop:
+            for i in range(count):
+                gen.patch_signals({"i": i, "pad": "x" * size})
+            return None
+        return steps(gen)
+
+    def steps(gen: Stream) -> Iterator[Any]:
+        for i in range(count):
+            gen.patch_signals({"i": i, "pad": "x" * size})
+            yield gen.sleep(0)
+
+    return sse_response(handler)
+
+
+@app.get("/blocking")
+@datastar.sse(on_connect=connect)
+def blocking(gen: Stream) -> Iterator[Any]:
+    """Ticks until ``POST /block``, then spends seconds inside one step (as a slow
+    query would), without yielding."""
+    gen.patch_signals({"blocking": False})
+    while True:
+        yield gen.sleep(0.05)
+        if blocker.is_set():
+            blocker.clear()
+            time.sleep(float(request.args.get("seconds", "4")))
+
+
+@app.post("/block")
+def block() -> tuple[str, int]:
+    blocker.set()
+    return "", 204
+
+
+@app.post("/close-all")
+def close_all() -> tuple[str, int]:
+    for gen in open_streams():
+        gen.close(reconnect=request.args.get("reconnect") == "1")
+    return "", 204
+
+
+def failing_connect(gen: Stream) -> None:
+    clients.register(gen)
+    if request.args.get("kind") == "abort":
+        abort(403, "You may not listen here.")
+    raise RuntimeError("on_connect failed")
+
+
+@app.get("/bad-connect")
+@datastar.sse(
+    on_connect=failing_connect, on_disconnect=lambda gen: disconnects.append(gen.close_reason)
+)
+def bad_connect(gen: Stream) -> Iterator[Any]:
+    yield gen.sleep()
+
+
+@app.get("/bad-yield")
+@datastar.sse(on_disconnect=lambda gen: disconnects.append(gen.close_reason))
+def bad_yield(gen: Stream) -> Iterator[Any]:
+    gen.patch_signals({"before": True})
+    yield 42
+
+
+@app.post("/raw")
+def raw() -> Any:
+    """Send text that is not a whole event: to every stream, or through the registry."""
+    text = request.get_data(as_text=True)
+    try:
+        if request.args.get("via") == "registry":
+            clients.broadcast(text)
+        else:
+            for gen in clients.snapshot():
+                gen.send(text)
+    except ValueError as e:
+        return str(e), 400
+    return "", 204
 
 
 @app.post("/click")
