@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from flask import current_app, request
@@ -18,6 +19,11 @@ _QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 # Parsed once per request, so a view and a stream hook can both call read_signals().
 _ENVIRON_KEY = "flask_datastar.signals"
 _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# A "\\ud800"-style escape: JSON's only way to a surrogate code point, since the raw text
+# itself holds none (the body is decoded strictly, and werkzeug leaves undecodable
+# percent-escapes of the query string as they are). Searching for it costs well under a
+# millisecond per megabyte; only a payload that has one is checked further.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def is_datastar_request() -> bool:
@@ -54,7 +60,36 @@ def _parse(raw: bytes | str, where: str) -> dict[str, Any]:
             f"The Datastar signals in {where} must be a JSON object, not {type(value).__name__}"
             f" ({_json_type(value)})."
         )
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        _check_no_lone_surrogate(value, where)
     return value
+
+
+def _check_no_lone_surrogate(value: dict[str, Any], where: str) -> None:
+    """Refuse signals holding a lone UTF-16 surrogate, in any key or string at any depth.
+
+    ``json.loads`` joins an escaped pair (``\\ud83d\\ude00``) into one character but
+    keeps a lone half (``\\ud83d``, which a browser's ``JSON.stringify`` writes for half
+    an emoji) as a surrogate code point: valid JSON, yet no text. Every event carrying it
+    would fail to encode as UTF-8, long after this request. Serializing the parsed value
+    as UTF-8 is one pass in C over every key and string, and fails exactly on those.
+
+    :param value: The parsed signals.
+    :param where: Where they came from, for the message.
+    :raises werkzeug.exceptions.BadRequest: a surrogate was found.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        # Called a few frames deeper than json.loads, it can meet the limit first.
+        raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
+    except UnicodeEncodeError as e:
+        code = ord(e.object[e.start])
+        raise BadRequest(
+            f"The Datastar signals in {where} contain a lone surrogate (\\u{code:04x}), half"
+            " of a UTF-16 pair, which is not text. Send whole characters: both halves of"
+            " a pair (such as an emoji cut in two), or neither."
+        ) from None
 
 
 def _json_type(value: object) -> str:
@@ -80,7 +115,9 @@ def read_signals() -> dict[str, Any]:
     once per request; later calls return the same dict.
 
     :raises werkzeug.exceptions.BadRequest: the signals are not valid UTF-8,
-        not valid JSON, nested too deeply, or not a JSON object.
+        not valid JSON, nested too deeply, not a JSON object, or hold a lone
+        UTF-16 surrogate (``"\\ud800"``) in a key or a string: it is no text,
+        and no event could carry it.
     :raises werkzeug.exceptions.RequestEntityTooLarge: the body is larger than
         ``DATASTAR_MAX_SIGNALS_BYTES``.
     """
@@ -93,7 +130,14 @@ def read_signals() -> dict[str, Any]:
 def _read_signals() -> dict[str, Any]:
     limit = _max_signals_bytes()
     if request.method in _QUERY_METHODS:
-        raw = request.args.get("datastar")
+        try:
+            raw = request.args.get("datastar")
+        except UnicodeDecodeError as e:
+            # Servers other than gunicorn pass raw non-ASCII bytes of the request line on.
+            raise BadRequest(
+                f"The query string is not valid UTF-8 ({e}): percent-encode the Datastar"
+                " signals as UTF-8, as the Datastar client does."
+            ) from None
         if raw is None:
             return {}
         if len(raw) > limit:

@@ -12,6 +12,7 @@ from flask import Flask, jsonify
 from flask.testing import FlaskClient
 
 from flask_datastar import is_datastar_request, read_signals
+from tests.helpers import GunicornServer, RawHTTPStream, post
 
 
 @pytest.fixture
@@ -109,6 +110,16 @@ def test_bad_query_is_a_400(echo: FlaskClient, query: str, message: str) -> None
     assert message in html.unescape(rv.get_data(as_text=True))
 
 
+def test_a_query_string_that_is_not_utf8_is_a_400(echo: FlaskClient) -> None:
+    # gunicorn refuses raw non-ASCII bytes in the request line, but the development
+    # server and other WSGI servers hand them on (as latin-1, per PEP 3333).
+    raw = b'datastar={"text":"\xed\xa0\x80"}'.decode("latin-1")
+    rv = echo.get("/echo", environ_overrides={"QUERY_STRING": raw})
+    assert rv.status_code == 400
+    message = html.unescape(rv.get_data(as_text=True))
+    assert "The query string is not valid UTF-8" in message
+
+
 def test_body_over_the_limit_is_a_413(app: Flask) -> None:
     app.extensions.pop("datastar")
     app.config["DATASTAR_MAX_SIGNALS_BYTES"] = 100
@@ -149,3 +160,106 @@ def test_works_without_the_extension() -> None:
         return jsonify(read_signals())
 
     assert app.test_client().post("/echo", data=b'{"a":1}').json == {"a": 1}
+
+
+# A lone UTF-16 surrogate written as a JSON escape is valid JSON, but no text: a browser's
+# JSON.stringify writes one for half an emoji ("😀".slice(0, 1)), and encoding it to UTF-8
+# later (every event carrying it) raises UnicodeEncodeError.
+LONE_SURROGATES = [
+    pytest.param(r'{"text": "\ud800"}', "\\ud800", id="high"),
+    pytest.param(r'{"text": "x\uDFFFy"}', "\\udfff", id="low-uppercase-hex"),
+    pytest.param(r'{"text": "\udc00\ud800"}', "\\udc00", id="pair-reversed"),
+    pytest.param(r'{"text": "\ud83d\\ude00"}', "\\ud83d", id="second-half-escaped-away"),
+    pytest.param(r'{"user": {"tags": ["ok", {"deep": "\udbff"}]}}', "\\udbff", id="nested"),
+    pytest.param(r'{"user": {"\ud800name": "Ada"}}', "\\ud800", id="object-key"),
+    pytest.param(r'{"\udc01": 1}', "\\udc01", id="top-level-key"),
+]
+
+
+@pytest.mark.parametrize(("body", "escape"), LONE_SURROGATES)
+def test_a_lone_surrogate_in_the_body_is_a_400(echo: FlaskClient, body: str, escape: str) -> None:
+    rv = echo.post("/echo", data=body.encode(), content_type="application/json")
+    assert rv.status_code == 400
+    message = html.unescape(rv.get_data(as_text=True))
+    assert "The Datastar signals in the request body contain a lone surrogate" in message
+    assert f"({escape})" in message
+
+
+@pytest.mark.parametrize(("body", "escape"), LONE_SURROGATES)
+def test_a_lone_surrogate_in_the_query_is_a_400(echo: FlaskClient, body: str, escape: str) -> None:
+    rv = echo.get("/echo?datastar=" + quote(body))
+    assert rv.status_code == 400
+    message = html.unescape(rv.get_data(as_text=True))
+    assert "in the 'datastar' query parameter contain a lone surrogate" in message
+    assert f"({escape})" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # An escaped pair is one character, as JSON.stringify-with-ASCII clients send it.
+        (r'{"text": "\ud83d\ude00 \uD83D\uDE00"}', {"text": "😀 😀"}),
+        # An escaped backslash followed by "ud800" is six plain characters.
+        (r'{"text": "\\ud800", "\\udc00": 1}', {"text": "\\ud800", "\\udc00": 1}),
+        # Neighbours of the surrogate range.
+        (r'{"text": "\ud7ff\ue000"}', {"text": "\ud7ff\ue000"}),
+    ],
+)
+def test_text_that_only_looks_like_a_surrogate_is_accepted(
+    echo: FlaskClient, body: str, expected: dict[str, object]
+) -> None:
+    for rv in (echo.post("/echo", data=body.encode()), echo.get("/echo?datastar=" + quote(body))):
+        assert rv.status_code == 200
+        assert rv.json["signals"] == expected
+
+
+def test_a_lone_surrogate_at_the_deepest_nesting_accepted_is_a_400(app: Flask) -> None:
+    @app.post("/read")
+    def read_view() -> str:
+        read_signals()
+        return "read"  # (jsonify would meet the recursion limit before read_signals)
+
+    client = app.test_client()
+
+    def nested(depth: int, text: str) -> bytes:
+        return b'{"a": ' + b"[" * depth + text.encode() + b"]" * depth + b"}"
+
+    # The deepest nesting json.loads accepts at the depth of a view's stack.
+    low, high = 1, 100_000
+    while low < high:
+        mid = (low + high + 1) // 2
+        if client.post("/read", data=nested(mid, '"x"')).status_code == 200:
+            low = mid
+        else:
+            high = mid - 1
+    for depth in range(low - 10, low + 2):
+        rv = client.post("/read", data=nested(depth, r'"\ud800"'))
+        assert rv.status_code == 400, depth
+        message = html.unescape(rv.get_data(as_text=True))
+        assert "lone surrogate" in message or "nested too deeply" in message
+
+
+@pytest.mark.live
+def test_chat_refuses_a_lone_surrogate_and_keeps_working_under_gunicorn() -> None:
+    # Before the fix, this message was stored: every later /say was a 500 and every new
+    # /sse aborted before its first event, until 50 newer messages pushed it out.
+    with GunicornServer("examples.chat:app", threads=6, config="gunicorn.conf.py") as server:
+        say = server.url + "/say"
+        json_body = {"Content-Type": "application/json", "Datastar-Request": "true"}
+        status, _, body = post(say, body=rb'{"author": "Eve", "text": "\ud83d"}', headers=json_body)
+        assert status == 400
+        assert b"lone surrogate" in body
+        # In the name too.
+        status, _, _ = post(say, body=rb'{"author": "\udc00", "text": "hi"}', headers=json_body)
+        assert status == 400
+
+        with RawHTTPStream(server.port, "/sse") as tab:
+            assert tab.status == 200
+            events = tab.events(timeout=10)
+            assert "No messages yet." in (next(events).elements or "")
+            status, _, _ = post(say, json={"author": "Ada", "text": "still here 😀"})
+            assert status == 200
+            assert "still here 😀" in (next(events).elements or "")
+        with RawHTTPStream(server.port, "/sse") as later:
+            assert later.status == 200
+            assert "still here 😀" in (next(later.events(timeout=10)).elements or "")

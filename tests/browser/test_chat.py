@@ -51,3 +51,34 @@ def test_a_message_reaches_every_tab_as_text(
     third = tabs.open(server.url + "/")
     expect(third.locator("#messages .text")).to_have_text([markup, "Hi Ada"])
     assert tabs.dialogs == []
+
+
+def test_half_an_emoji_is_refused_and_the_chat_goes_on(
+    tabs: Tabs, serve: Callable[..., GunicornServer], expect: Any
+) -> None:
+    # A browser string can hold half of a UTF-16 pair (here an emoji cut in two by
+    # slice()), and JSON.stringify sends it as the escape "\ud83d". Before the fix the
+    # chat stored it: every later message failed with a 500, and every tab that
+    # connected got no messages at all.
+    server = serve("examples.chat:app")
+    first, second = tabs.open(server.url + "/"), tabs.open(server.url + "/")
+    first.fill("#author", "Eve")
+    first.evaluate(
+        """() => {
+            const input = document.querySelector('#text')
+            input.value = 'cut ' + '\\u{1F600}'.slice(0, 1)
+            input.dispatchEvent(new Event('input', {bubbles: true}))
+        }"""
+    )
+    with first.expect_response(lambda response: response.url.endswith("/say")) as refused:
+        first.press("#text", "Enter")
+    # (Its message is checked in tests/test_signals.py: the browser keeps no body of it.)
+    assert refused.value.status == 400
+
+    second.fill("#author", "Ada")
+    second.fill("#text", "Still here 😀")
+    second.press("#text", "Enter")
+    for page in (first, second):
+        expect(page.locator("#messages .text")).to_have_text(["Still here 😀"])
+    third = tabs.open(server.url + "/")
+    expect(third.locator("#messages .text")).to_have_text(["Still here 😀"])
