@@ -13,6 +13,9 @@ Two ways to reach the streams:
   that is already rendered, frame it once and hand it to the registry's
   broadcaster thread, so the command returns at once. Through a bus
   (:mod:`flask_datastar.bus`) they reach the streams of every process.
+
+A registry that nobody uses costs nothing: its broadcaster thread and its bus
+subscription go away after ``linger`` idle seconds and come back when needed.
 """
 
 from __future__ import annotations
