@@ -243,6 +243,9 @@ class RedisBus:
         self._subscriptions: dict[str, list[_Subscription]] = {}
         #: Channels Redis has confirmed on the current connection, by epoch.
         self._confirmed: dict[str, int] = {}
+        #: Channels that got their first subscriber again after losing their last: the
+        #: listener sends SUBSCRIBE again even if its UNSUBSCRIBE is still under way.
+        self._renew: set[str] = set()
         self._epoch = 0
         self._connected = False
         self._thread: threading.Thread | None = None
@@ -288,6 +291,8 @@ class RedisBus:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed; create a new bus.")
             subscribers = self._subscriptions.setdefault(channel, [])
+            if not subscribers:
+                self._renew.add(channel)
             subscribers.append(subscription)
             if self._confirmed.get(channel) == self._epoch and self._connected:
                 subscription.epoch = self._epoch
@@ -324,8 +329,12 @@ class RedisBus:
             emptied = not subscribers and channel in self._subscriptions
             if emptied:
                 del self._subscriptions[channel]
-        if emptied:
-            self._wake()
+                # A subscriber that comes next must wait for a new confirmation: the
+                # listener may be unsubscribing this channel from Redis right now.
+                self._confirmed.pop(channel, None)
+        # The listener is not woken: it drops the channel at its next poll, within a
+        # second, and no PUBLISH per unsubscribe (from many threads at once, when many
+        # registries go idle together) grows the connection pool.
 
     def close(self) -> None:
         """Stop this process's listener and close the connections to Redis."""
@@ -388,7 +397,9 @@ class RedisBus:
         while not self._stop.is_set():
             with self._lock:
                 wanted = set(self._subscriptions)
-            added, dropped = wanted - subscribed, subscribed - wanted
+                renew = self._renew & wanted
+                self._renew.clear()
+            added, dropped = (wanted - subscribed) | renew, subscribed - wanted
             if added:
                 pubsub.subscribe(*sorted(added))
                 subscribed |= added

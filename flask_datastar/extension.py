@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, overload
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, overload
 from flask import Flask
 
 from . import actions
-from .registry import SSERegistry
+from .registry import LINGER, SSERegistry
 from .response import DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
 from .stream import Hook, Stream, StreamConfig
@@ -90,7 +92,12 @@ class _State:
     config: DatastarConfig
     stream_config: StreamConfig
     bus: Bus | None = None
-    registries: dict[str, SSERegistry] = field(default_factory=dict)
+    #: Weak: a registry that nothing uses any more (no reference from the application,
+    #: no stream, no broadcaster thread, no bus subscription) is collected.
+    registries: weakref.WeakValueDictionary[str, SSERegistry] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    registries_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FlaskDatastar:
@@ -183,6 +190,7 @@ class FlaskDatastar:
         name: str = "default",
         *,
         on_resync: Callable[[Stream], object] | None = None,
+        linger: float = LINGER,
     ) -> SSERegistry:
         """Return *app*'s registry called *name*, created on first use and joined to its bus.
 
@@ -190,26 +198,37 @@ class FlaskDatastar:
         every process serving the app; a process that only publishes (a CLI
         command, a task worker) just calls ``registry.broadcast(...)``.
 
+        Names may be made on the fly (one registry per chat room, per user):
+        as long as the application holds a registry, or it has streams, work
+        queued or a bus subscription, this returns that same object for its
+        name; one that nothing uses any more is forgotten and collected, so
+        its thread and its Redis subscription do not outlive it (see
+        *linger*), and the next call makes a new one. Safe to call from any
+        thread.
+
         :param app: an app this extension was registered on.
         :param name: the registry's topic.
         :param on_resync: see :class:`~flask_datastar.SSERegistry`; it runs in
             an app context of *app* (the bus calls it from its own thread).
-            Only the call that creates the registry sets it.
+            Only the call that creates the registry sets it: pass it on every
+            call for a name whose registry may have been collected meanwhile.
+        :param linger: see :class:`~flask_datastar.SSERegistry`; only the call
+            that creates the registry sets it.
         """
         state = self._state(app)
-        registry = state.registries.get(name)
-        if registry is None:
-            resync = None
-            if on_resync is not None:
-                hook = on_resync
+        with state.registries_lock:
+            registry = state.registries.get(name)
+            if registry is None:
+                resync = None
+                if on_resync is not None:
+                    hook = on_resync
 
-                def resync(gen: Stream) -> object:
-                    with app.app_context():
-                        return hook(gen)
+                    def resync(gen: Stream) -> object:
+                        with app.app_context():
+                            return hook(gen)
 
-            registry = state.registries[name] = SSERegistry(
-                name, bus=state.bus, on_resync=resync
-            )
+                registry = SSERegistry(name, bus=state.bus, on_resync=resync, linger=linger)
+                state.registries[name] = registry
         return registry
 
     def bus(self, app: Flask) -> Bus | None:

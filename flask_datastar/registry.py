@@ -13,17 +13,23 @@ Two ways to reach the streams:
   that is already rendered, frame it once and hand it to the registry's
   broadcaster thread, so the command returns at once. Through a bus
   (:mod:`flask_datastar.bus`) they reach the streams of every process.
+
+A registry that nobody uses costs nothing: its broadcaster thread and its bus
+subscription go away after ``linger`` idle seconds and come back when needed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import operator
 import os
 import random
 import threading
-from collections import deque
+import time
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -42,30 +48,52 @@ log = logging.getLogger("flask_datastar")
 #: of up to this many seconds more, so the tabs do not all reconnect at once.
 RESYNC_SPREAD = 2.0
 
+#: How many bus message ids a registry remembers to drop a repeated message (a publish
+#: that redis-py retried after a timeout may reach Redis twice).
+SEEN_MESSAGES = 4096
+
+#: The default of :class:`SSERegistry`'s ``linger``.
+LINGER = 5.0
+
 
 class _Item:
-    __slots__ = ("key", "chunk", "coalesce", "superseded", "to_key")
+    __slots__ = ("key", "chunk", "slot", "superseded", "to_key")
 
     def __init__(self, to_key: bool, key: Any, chunk: Chunk, coalesce: Hashable | None) -> None:
         self.to_key = to_key
         self.key = key
         self.chunk = chunk
-        self.coalesce = coalesce
+        # An event supersedes only those that would reach the same recipients: a unicast
+        # never drops a broadcast, nor another key's unicast.
+        self.slot: Hashable | None = None if coalesce is None else (to_key, key, coalesce)
         self.superseded = False
 
 
 class SSERegistry:
     """A named set of open streams that broadcasts and unicasts reach.
 
+    An unused registry costs nothing: its broadcaster thread exits after
+    *linger* seconds without work (the next event starts it again), and
+    with a bus it leaves the bus's channel once it has had no stream for
+    *linger* seconds (the next :meth:`register` joins it again). So one
+    registry per chat room or per user is fine: get it with
+    :meth:`FlaskDatastar.registry() <flask_datastar.FlaskDatastar.registry>`
+    whenever it is needed.
+
     :param name: the topic; with a bus, registries of the same name in every
         process form one audience.
     :param bus: carries :meth:`broadcast` and :meth:`send_to` to every
         process; ``None`` keeps them in this process.
     :param on_resync: called with every local stream after the bus lost
-        messages (a Redis outage); it should send the full current state.
-        It runs in the bus's listener thread. Without it such streams are
-        ended abruptly, each with a random retry delay, so that their clients
-        reconnect and get the full state from the stream handler.
+        messages (a Redis outage, or a publish from another process that
+        failed); it should send the full current state. It runs in the bus's
+        listener thread. Without it such streams are ended abruptly, each
+        with a random retry delay, so that their clients reconnect and get
+        the full state from the stream handler.
+    :param linger: seconds an idle broadcaster thread waits for more events
+        before it exits, and seconds a registry without streams keeps its
+        bus subscription (so that a tab reloading does not unsubscribe and
+        subscribe again).
     """
 
     def __init__(
@@ -74,18 +102,28 @@ class SSERegistry:
         *,
         bus: Bus | None = None,
         on_resync: Callable[[Stream], object] | None = None,
+        linger: float = LINGER,
     ) -> None:
+        if not linger >= 0:
+            raise ValueError(f"'linger' must be a number of seconds, 0 or more, not {linger!r}.")
         self.name = name
         self.on_resync = on_resync
+        self.linger = linger
         self._lock = threading.Lock()
         self._streams: dict[Stream, Any] = {}
         self._by_key: dict[Any, dict[Stream, None]] = {}
+        #: When the last stream left (``None`` while there are streams).
+        self._empty_since: float | None = None
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
         self._latest: dict[Hashable, _Item] = {}
         self._busy = False
+        # The broadcaster: the last thread started, and whether it still takes work. A
+        # thread clears _running under _cond when it decides to exit, so at most one
+        # ever takes items from the queue.
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
+        self._running = False
         self._stopping = False
         self._bus: Bus | None = None
         # The process whose streams the bus feeds: subscribing is per process, and a
@@ -93,6 +131,14 @@ class SSERegistry:
         self._subscribed_pid: int | None = None
         self._subscribe_lock = threading.Lock()
         self._bus_down = False
+        # Bus message ids: this registry's origin in this process, and a sequence.
+        self._origin = ""
+        self._origin_pid = 0
+        self._sequence = itertools.count()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        # A publish failed: the other processes missed an event and must be told.
+        self._resync_owed = False
+        self._resync_lock = threading.Lock()
         if bus is not None:
             self.attach_bus(bus)
 
@@ -107,13 +153,14 @@ class SSERegistry:
         Call it in ``on_connect``, before the stream sends its initial state,
         so that no broadcast falls between the two. Registering a stream again
         only updates its key. A stream that ends is unregistered by itself.
+        With a bus, the first stream of this process (or the first after the
+        registry left the bus for want of streams) waits until the bus
+        confirms the subscription.
 
         :param gen: the stream.
         :param key: any hashable (a user id, a tab id); a string, a number or
             a tuple of them when a bus carries unicasts between processes.
         """
-        if self._bus is not None and self._subscribed_pid != os.getpid():
-            self._subscribe()
         with self._lock:
             old = self._streams.get(gen)
             if gen in self._streams and old is not None:
@@ -123,8 +170,14 @@ class SSERegistry:
             self._streams[gen] = key
             if key is not None:
                 self._by_key.setdefault(key, {})[gen] = None
+            self._empty_since = None
+            # Read under the lock that the lingering unsubscribe takes to give it up:
+            # either it sees this stream and stays, or this sees it gone and subscribes.
+            subscribed = self._subscribed_pid == os.getpid()
         gen.key = key
         gen._registries.add(self)
+        if self._bus is not None and not subscribed:
+            self._subscribe()
         if gen.closed:
             # It ended before its registration was seen: do not keep it.
             self.unregister(gen)
@@ -145,6 +198,15 @@ class SSERegistry:
                     streams.pop(gen, None)
                     if not streams:
                         del self._by_key[key]
+            lingering = False
+            if not self._streams:
+                self._empty_since = time.monotonic()
+                lingering = self._subscribed_pid == os.getpid()
+        if lingering:
+            # The broadcaster thread gives the bus subscription up after the linger.
+            with self._cond:
+                self._start_broadcaster_locked()
+                self._cond.notify_all()
         return True
 
     def snapshot(self, key: Any = None) -> list[Stream]:
@@ -180,7 +242,12 @@ class SSERegistry:
 
         The streams are read from a snapshot taken under the lock and called
         outside it. A stream for which *fn* raises is unregistered and
-        returned; the others still get their call.
+        returned; the others still get their call. Unless it had ended
+        already (:class:`~flask_datastar.StreamClosed`), the error is logged
+        with its traceback and the stream is ended with
+        ``gen.close(reconnect=True)``: its client reconnects and gets the full
+        state from the stream handler, instead of staying open and missing
+        every later broadcast.
 
         :param fn: typically ``lambda gen: gen.patch_elements(html)``.
         """
@@ -188,6 +255,8 @@ class SSERegistry:
 
     def notify_subscriber(self, key: Any, fn: Callable[[Stream], object]) -> int:
         """Call ``fn(gen)`` for the streams of this process registered under *key*.
+
+        A stream for which *fn* raises is handled as by :meth:`notify_subscribers`.
 
         :param key: the key given to :meth:`register`.
         :param fn: the function to call.
@@ -201,11 +270,19 @@ class SSERegistry:
         for gen in streams:
             try:
                 fn(gen)
-            except Exception as e:
-                if not isinstance(e, StreamClosed):
-                    log.warning("flask_datastar: dropping %r from %r: %r", gen, self, e)
+            except StreamClosed:
                 self.unregister(gen)
                 failed.append(gen)
+            except Exception:
+                log.exception(
+                    "flask_datastar: ending %r, which %r could not reach; its client"
+                    " reconnects and gets the full state.",
+                    gen,
+                    self,
+                )
+                self.unregister(gen)
+                failed.append(gen)
+                gen.close(reconnect=True)
         return failed
 
     # -- rendered events, through the broadcaster thread -----------------------------
@@ -219,9 +296,12 @@ class SSERegistry:
         :param event: a complete event, as built by :class:`~flask_datastar.SSE`.
         :param coalesce: an optional label for events where the newest
             supersedes the older ones (a "fat morph" of a whole region): an
-            event still waiting when a newer one with the same label arrives
-            is dropped, and the newer one takes its turn at the end of the
-            queue. Leave it ``None`` for events that must all arrive.
+            event still waiting when a newer one with the same label and the
+            same recipients arrives is dropped, and the newer one takes its
+            turn at the end of the queue. A broadcast supersedes only
+            broadcasts, and a :meth:`send_to` only unicasts to the same key,
+            so every stream still gets the newest event meant for it. Leave
+            it ``None`` for events that must all arrive.
         :raises ValueError: *event* is empty or does not end with a blank line.
         """
         self._publish(False, None, event, coalesce)
@@ -231,7 +311,8 @@ class SSERegistry:
 
         :param key: the key given to :meth:`register`.
         :param event: a complete event.
-        :param coalesce: as for :meth:`broadcast`.
+        :param coalesce: as for :meth:`broadcast`: it supersedes only unicasts
+            to the same key with the same label.
         """
         if key is None:
             raise ValueError("'send_to' needs a key; use 'broadcast' to reach every stream.")
@@ -245,22 +326,35 @@ class SSERegistry:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
-    def close(self) -> None:
-        """Stop the broadcaster thread and leave the bus (registered streams stay open)."""
-        if self._bus is not None:
-            if self._subscribed_pid == os.getpid():
-                self._bus.unsubscribe(self._channel, self._on_bus_message)
-            self._subscribed_pid = None
-            self._bus = None
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Leave the bus and stop the broadcaster thread once it has written what is queued.
+
+        Registered streams stay open. The registry can still be used: the
+        next event starts a broadcaster again, and never a second one beside
+        a broadcaster that is still busy.
+
+        :param timeout: seconds to wait for the broadcaster to finish.
+        :return: whether it has finished; if not (a send blocked), it goes
+            on with the queue, in order, and exits when it is done.
+        """
+        bus = self._bus
+        if bus is not None:
+            with self._subscribe_lock:
+                if self._subscribed_pid == os.getpid():
+                    bus.unsubscribe(self._channel, self._on_bus_message)
+                self._subscribed_pid = None
+                self._bus = None
         with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
-        with self._cond:
-            self._thread = None
-            self._stopping = False
+            thread = self._thread if self._thread_pid == os.getpid() else None
+            if thread is None:
+                return True
+            if self._running:
+                self._stopping = True
+                self._cond.notify_all()
+        if thread is threading.current_thread():
+            return False  # (called from a stream's send: it stops when this returns)
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def attach_bus(self, bus: Bus) -> None:
         """Send broadcasts and unicasts through *bus* from now on.
@@ -297,7 +391,46 @@ class SSERegistry:
             if bus is None or self._subscribed_pid == pid:
                 return
             bus.subscribe(self._channel, self._on_bus_message, self._on_bus_gap)
-            self._subscribed_pid = pid
+            with self._lock:
+                self._subscribed_pid = pid
+
+    def _unsubscribe_if_unused(self) -> None:
+        """Leave the bus if the registry has had no stream for *linger* seconds."""
+        with self._subscribe_lock:
+            with self._lock:
+                bus = self._bus
+                if (
+                    bus is None
+                    or self._streams
+                    or self._subscribed_pid != os.getpid()
+                    or self._empty_since is None
+                    or time.monotonic() < self._empty_since + self.linger
+                ):
+                    return
+                self._subscribed_pid = None
+            try:
+                bus.unsubscribe(self._channel, self._on_bus_message)
+            except Exception:
+                log.exception("flask_datastar: %r could not leave its bus channel", self)
+
+    def _unsubscribe_due(self) -> float | None:
+        """When the lingering bus subscription may be given up, if there is one."""
+        if self._bus is None or self._subscribed_pid != os.getpid():
+            return None
+        empty_since = self._empty_since
+        return None if empty_since is None else empty_since + self.linger
+
+    def _message_id(self) -> str:
+        """A new id for a bus message: this registry in this process, and a sequence."""
+        return f"{self._own_origin()}:{next(self._sequence)}"
+
+    def _own_origin(self) -> str:
+        pid = os.getpid()
+        if self._origin_pid != pid:
+            # A forked worker is another publisher than its parent.
+            self._origin = uuid.uuid4().hex[:16]
+            self._origin_pid = pid
+        return self._origin
 
     def _publish(
         self, to_key: bool, key: Any, event: str | bytes, coalesce: Hashable | None
@@ -310,7 +443,9 @@ class SSERegistry:
         if bus is None:
             self._enqueue(_Item(to_key, key, Chunk(event), coalesce))
             return
-        message: dict[str, Any] = {"e": event}
+        # The id lets every subscriber drop a repeat of this message: redis-py retries
+        # a PUBLISH that timed out, and the first one may have reached Redis.
+        message: dict[str, Any] = {"e": event, "i": self._message_id()}
         if to_key:
             message["k"] = key
         if coalesce is not None:
@@ -323,16 +458,20 @@ class SSERegistry:
                 " numbers, or tuples of them."
             ) from None
         try:
+            if self._resync_owed:
+                self._tell_others_to_resync(bus)
             # Our own streams get it back through the bus, like every other process.
             bus.publish(self._channel, payload)
         except OSError as e:
-            # The command goes on, and this process's streams still get the event;
-            # the other processes resync when their subscriptions are back.
+            # The command goes on, and this process's streams still get the event; the
+            # other processes are told to resync by the next publish that works.
+            self._resync_owed = True
             if not self._bus_down:
                 self._bus_down = True
                 log.warning(
                     "flask_datastar: %r could not publish (%s); until the bus is back,"
-                    " broadcasts reach this process's streams only.",
+                    " broadcasts reach this process's streams only, and the other"
+                    " processes will be told to resync.",
                     self,
                     e,
                 )
@@ -343,8 +482,30 @@ class SSERegistry:
             self._bus_down = False
             log.warning("flask_datastar: %r publishes through the bus again.", self)
 
+    def _tell_others_to_resync(self, bus: Bus) -> None:
+        """Publish a resync marker: every other process resyncs its streams of this registry."""
+        with self._resync_lock:
+            if not self._resync_owed:
+                return
+            marker = json.dumps({"r": 1, "i": self._message_id()}, separators=(",", ":"))
+            bus.publish(self._channel, marker.encode("utf-8"))
+            self._resync_owed = False
+        log.warning(
+            "flask_datastar: %r told the other processes to resync after its failed publish.",
+            self,
+        )
+
     def _on_bus_message(self, payload: bytes) -> None:
         message = json.loads(payload)
+        message_id = message.get("i")
+        if isinstance(message_id, str):
+            if "r" in message and message_id.partition(":")[0] == self._own_origin():
+                return  # our own resync marker: this process's streams missed nothing
+            if not self._first_sight(message_id):
+                return
+        if "r" in message:
+            self._on_bus_gap()
+            return
         self._enqueue(
             _Item(
                 "k" in message,
@@ -353,6 +514,16 @@ class SSERegistry:
                 _hashable(message.get("c")),
             )
         )
+
+    def _first_sight(self, message_id: str) -> bool:
+        """Remember *message_id*; return whether it is new (bounded memory)."""
+        with self._cond:
+            if message_id in self._seen:
+                return False
+            self._seen[message_id] = None
+            if len(self._seen) > SEEN_MESSAGES:
+                self._seen.popitem(last=False)
+            return True
 
     def _on_bus_gap(self) -> None:
         """The bus lost messages: give every local stream the full state again."""
@@ -375,38 +546,63 @@ class SSERegistry:
 
     def _enqueue(self, item: _Item) -> None:
         with self._cond:
-            if item.coalesce is not None:
-                older = self._latest.get(item.coalesce)
+            if item.slot is not None:
+                older = self._latest.get(item.slot)
                 if older is not None:
                     older.superseded = True
-                self._latest[item.coalesce] = item
+                self._latest[item.slot] = item
             self._queue.append(item)
-            # A worker forked after this registry broadcast has the thread object, not the thread.
-            if self._thread is None or self._thread_pid != os.getpid():
-                self._thread_pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, name=f"flask_datastar-broadcaster-{self.name}", daemon=True
-                )
-                self._thread.start()
+            self._start_broadcaster_locked()
             self._cond.notify_all()
 
+    def _start_broadcaster_locked(self) -> None:
+        """Start the broadcaster thread unless one is taking work (call it under ``_cond``)."""
+        pid = os.getpid()
+        # A worker forked after this registry broadcast has the thread object, not the thread.
+        if self._running and self._thread_pid == pid:
+            return
+        self._running = True
+        self._stopping = False
+        self._thread_pid = pid
+        self._thread = threading.Thread(
+            target=self._run, name=f"flask_datastar-broadcaster-{self.name}", daemon=True
+        )
+        self._thread.start()
+
     def _run(self) -> None:
+        """The broadcaster: write the queue in order; exit after *linger* seconds idle."""
+        idle_since = time.monotonic()
         while True:
+            unsubscribe = False
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and not self._queue:
-                    return
-                item = self._queue.popleft()
-                if item.coalesce is not None and self._latest.get(item.coalesce) is item:
-                    del self._latest[item.coalesce]
-                if item.superseded:
-                    continue
-                self._busy = True
+                while not self._queue:
+                    now = time.monotonic()
+                    due = self._unsubscribe_due()
+                    if self._stopping or (due is None and now - idle_since >= self.linger):
+                        # Decided under the lock that _enqueue takes: the next event
+                        # starts a new thread, and this one takes no more work.
+                        self._running = False
+                        self._stopping = False
+                        return
+                    if due is not None and due <= now:
+                        unsubscribe = True
+                        break
+                    self._cond.wait((idle_since + self.linger if due is None else due) - now)
+                if not unsubscribe:
+                    item = self._queue.popleft()
+                    if item.slot is not None and self._latest.get(item.slot) is item:
+                        del self._latest[item.slot]
+                    if item.superseded:
+                        continue
+                    self._busy = True
+            if unsubscribe:
+                self._unsubscribe_if_unused()
+                continue
             streams = self.snapshot(item.key) if item.to_key else self.snapshot()
             self._call_each(streams, operator.methodcaller("send", item.chunk))
+            idle_since = time.monotonic()
 
 
 def _hashable(value: Any) -> Any:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import threading
+import time
+import weakref
+
 import pytest
 from flask import Flask
 
-from flask_datastar import FlaskDatastar, SSERegistry
+from flask_datastar import FlaskDatastar, SSERegistry, Stream
 from flask_datastar.extension import DEFAULTS
 
 
@@ -92,3 +98,53 @@ def test_one_instance_several_apps() -> None:
     assert isinstance(reg_one, SSERegistry)
     assert datastar.registry(one, "room") is reg_one
     assert datastar.registry(two, "room") is not reg_one
+
+
+def test_registry_get_or_create_gives_one_registry_per_name_under_concurrency() -> None:
+    app = Flask(__name__)
+    datastar = FlaskDatastar(app)
+    got: dict[str, list[SSERegistry]] = {}
+    previous = sys.getswitchinterval()
+    # Switch threads as often as possible, so a check-then-create race shows up.
+    sys.setswitchinterval(1e-6)
+    try:
+        for number in range(100):
+            name = f"room-{number}"
+            barrier = threading.Barrier(8)
+            got[name] = []
+
+            def get(name: str = name, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                got[name].append(datastar.registry(app, name))
+
+            threads = [threading.Thread(target=get) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert {name: len({id(r) for r in registries}) for name, registries in got.items()} == {
+        name: 1 for name in got
+    }
+
+
+def test_a_referenced_registry_is_kept_and_an_unused_one_is_collected() -> None:
+    app = Flask(__name__)
+    datastar = FlaskDatastar(app)
+    held = datastar.registry(app, "held", linger=0.05)
+    used = datastar.registry(app, "used", linger=0.05)
+    tab = used.register(Stream({}))
+    used.broadcast("event: x\ndata: y\n\n")  # starts its broadcaster thread
+    assert used.flush(5)
+    used.unregister(tab)  # as the stream's end does
+    collected = weakref.ref(used)
+    del used, tab
+    deadline = time.monotonic() + 10
+    while collected() is not None:  # once its broadcaster thread has gone idle and exited
+        assert time.monotonic() < deadline, "the unused registry was never collected"
+        gc.collect()
+        time.sleep(0.02)
+    assert datastar.registry(app, "held") is held
+    # A name whose registry was collected gets a new, empty one.
+    assert len(datastar.registry(app, "used")) == 0
