@@ -11,6 +11,7 @@ the sdist's own tests against the installed wheel.
 
 from __future__ import annotations
 
+import configparser
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.helpers import REPO_ROOT, require_module
 
@@ -135,3 +139,26 @@ def test_wheel_holds_only_the_package(dists: Dists) -> None:
     }
     package = {name for name in dists.wheel if name.startswith("flask_datastar/")}
     assert package == modules | {"flask_datastar/py.typed"}
+
+
+def test_lowest_constraints_pin_the_lower_bounds_of_setup_cfg() -> None:
+    # .ci/lowest-deps tests these pins; if they drifted from setup.cfg, CI would test
+    # versions that users cannot get, or miss the ones they can.
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    runtime = [
+        *config["options"]["install_requires"].split(),
+        *config["options.extras_require"]["gunicorn"].split(),
+        *config["options.extras_require"]["redis"].split(),
+    ]
+    bounds = {}
+    for line in runtime:
+        requirement = Requirement(line)
+        [lower] = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        bounds[canonicalize_name(requirement.name)] = Version(lower)
+    pins = {}
+    for line in (REPO_ROOT / ".ci" / "lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    assert pins == bounds
