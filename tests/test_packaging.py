@@ -6,7 +6,8 @@ the benchmarks, the changelog); the wheel is what an application installs, so it
 ``flask_datastar`` and ``py.typed`` and nothing else. Both are built once per module
 without build isolation (the installed setuptools, no network), which takes a few seconds.
 ``.ci/sdist-check`` then builds them the way a release would, runs ``twine check`` and runs
-the sdist's own tests against the installed wheel.
+the sdist's own tests against the package installed from it. The pins of ``.ci/lowest.txt``,
+which ``.ci/lowest-deps`` tests, are checked against the lower bounds of ``setup.cfg``.
 """
 
 from __future__ import annotations
