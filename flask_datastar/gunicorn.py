@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .stream import close_all_streams, set_process_stream_limit
+from .stream import close_all_streams, drain_streams, set_process_stream_limit
 
 __all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "worker_exit"]
 
@@ -42,7 +42,9 @@ def post_worker_init(worker: Any) -> None:
     def watch() -> None:
         while worker.alive:
             stopping.wait(0.2)
-        close_all_streams(reconnect=True, spread=DRAIN_SPREAD)
+        # Also every stream opened from now on: gunicorn still answers requests on
+        # kept-alive connections for a moment while it stops.
+        drain_streams(spread=DRAIN_SPREAD)
 
     stopping = threading.Event()
     threading.Thread(target=watch, name="flask_datastar-drain", daemon=True).start()

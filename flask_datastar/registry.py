@@ -438,7 +438,10 @@ class SSERegistry:
         # Refused here, in the command that sent it, rather than on every stream.
         check_event(event)
         if isinstance(event, bytes):
-            event = event.decode("utf-8")
+            try:
+                event = event.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"An event must be UTF-8 text: {e}.") from None
         bus = self._bus
         if bus is None:
             self._enqueue(_Item(to_key, key, Chunk(event), coalesce))

@@ -62,7 +62,9 @@ __all__ = [
     "Stream",
     "StreamClosed",
     "StreamConfig",
+    "check_event",
     "close_all_streams",
+    "drain_streams",
     "open_streams",
     "with_sse",
 ]
@@ -203,13 +205,31 @@ def close_all_streams(reconnect: bool = True, spread: float = 0.0) -> int:
     streams = open_streams()
     for stream in streams:
         if reconnect and spread > 0:
-            delay = int(1000 + random.random() * spread * 1000)
-            try:
-                stream.send(f"retry: {delay}\n\n")
-            except StreamClosed:
-                continue
-        stream.close(reconnect=reconnect)
+            stream._end_spread(spread)
+        else:
+            stream.close(reconnect=reconnect)
     return len(streams)
+
+
+#: While this process stops: the retry spread of :func:`drain_streams`, else ``None``.
+_draining: list[float | None] = [None]
+
+
+def drain_streams(spread: float = 0.0) -> int:
+    """End every stream of this process, now and from now on, so clients go elsewhere.
+
+    For a worker that stops: each open stream is ended so that its client
+    reconnects (to another worker), and so is every stream opened after this
+    call (a server still answers requests on kept-alive connections for a
+    moment while it stops), right after it sent its first state.
+
+    :param spread: give each client a random retry delay of up to this many
+        seconds, so they do not all come back at once.
+    :return: the number of streams ended now.
+    """
+    with _open_lock:  # before the snapshot: a stream admitted later sees the flag
+        _draining[0] = spread
+    return close_all_streams(reconnect=True, spread=spread)
 
 
 class Stream:
@@ -420,6 +440,15 @@ class Stream:
         self._pending_sleep = pause
         return pause
 
+    def _end_spread(self, spread: float) -> None:
+        """End the stream so its client reconnects after a random delay of up to *spread* s."""
+        delay = int(1000 + random.random() * spread * 1000)
+        try:
+            self.send(f"retry: {delay}\n\n")
+        except StreamClosed:
+            return
+        self.close(reconnect=True)
+
     def close(self, reconnect: bool = False) -> None:
         """End the stream from any thread.
 
@@ -433,6 +462,12 @@ class Stream:
 
         :param timeout: seconds to wait at most.
         """
+        if threading.get_ident() == self._owner and not self._disconnected:
+            raise RuntimeError(
+                "'wait_closed' was called on the stream's own thread (in its handler or a"
+                " hook), where the stream cannot end while it waits; call it from another"
+                " thread."
+            )
         with self._lock:
             if self._disconnected:
                 return True
@@ -662,7 +697,8 @@ class Stream:
             self._take_direct_path()
             if not self._closed:
                 handler_iter = self._start(handler)
-            yield from self._loop(handler_iter)
+            # Opened while the process stops: its first state, then to another worker.
+            yield from self._loop(handler_iter, leave=_draining[0])
         except GeneratorExit:
             self._end("the server closed the response", abort=False)
             raise
@@ -672,9 +708,24 @@ class Stream:
         finally:
             try:
                 if handler_iter is not None and hasattr(handler_iter, "close"):
-                    self._step(handler_iter.close)
+                    self._close_handler(handler_iter)
             finally:
                 self._finish()
+
+    def _close_handler(self, steps: Iterator[HandlerItem]) -> None:
+        """Close the handler, so its ``finally`` and ``with`` blocks run.
+
+        Sending there on its own ended stream raises :class:`StreamClosed`,
+        which needs no catching; any other error is logged, and does not turn
+        a clean end into a cut connection.
+        """
+        try:
+            self._step(steps.close)  # type: ignore[attr-defined]
+        except StreamClosed as e:
+            if e.stream is not None and e.stream is not self:
+                log.exception("flask_datastar: error while closing the handler of %r", self)
+        except Exception:
+            log.exception("flask_datastar: error while closing the handler of %r", self)
 
     def _start(self, handler: Handler) -> Iterator[HandlerItem] | None:
         """Call the handler; return its steps, or ``None`` once it has nothing more to do."""
@@ -760,11 +811,11 @@ class Stream:
         """
         try:
             item = self._step(functools.partial(next, steps))
-            while (problem := self._check_item(item)) is not None:
-                throw = getattr(steps, "throw", None)
-                if throw is None:
-                    self._misused(problem)
-                    return None, False
+            problem = self._check_item(item)
+            if problem is None:
+                return item, True
+            throw = getattr(steps, "throw", None)
+            if throw is not None:
                 try:
                     item = self._step(functools.partial(throw, problem))
                 except BaseException as e:
@@ -772,13 +823,18 @@ class Stream:
                         self._misused(problem)
                         return None, False
                     raise
+                if self._check_item(item) is None:
+                    return item, True  # it caught the error and went on with a good item
+            # Once per step: a handler that swallows the error and yields the same
+            # thing again would otherwise be thrown into forever, deaf to close().
+            self._misused(problem)
+            return None, False
         except StopIteration:
             self._end("the handler returned", abort=False)
             return None, False
         except StreamClosed as e:
             self._own_end(e)
             return None, False
-        return item, True
 
     def _step(self, fn: Callable[[], Any]) -> Any:
         previous = getattr(_local, "stream", None)
@@ -788,10 +844,19 @@ class Stream:
         finally:
             _local.stream = previous
 
-    def _loop(self, handler_iter: Iterator[HandlerItem] | None) -> Iterator[bytes]:
+    def _loop(
+        self, handler_iter: Iterator[HandlerItem] | None, leave: float | None = None
+    ) -> Iterator[bytes]:
+        """Run the handler's steps, hand queued bytes to the server, send heartbeats.
+
+        :param leave: end the stream after the handler's first step, with a
+            random retry delay of up to this many seconds (the process stops).
+        """
         wake_at = time.monotonic()
         steps = handler_iter
         heartbeat = self.config.heartbeat
+        if leave is not None and steps is None:
+            self._end_spread(leave)
         while True:
             if steps is not None and not self._closed and time.monotonic() >= wake_at:
                 item, alive = self._next_step(steps)
@@ -807,6 +872,8 @@ class Stream:
                         self.send(item)
                     except StreamClosed:
                         pass
+                if leave is not None:
+                    self._end_spread(leave)
             if (
                 isinstance(self._transport, SocketTransport)
                 and self._transport.pending() > self.config.max_backlog

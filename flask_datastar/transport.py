@@ -144,13 +144,24 @@ class QueueTransport:
         self.max_bytes = max_bytes
         self._parts: list[bytes] = []
         self._size = 0
+        # What other threads queued since the owner last took the buffer: only that
+        # counts against the bound, as on the direct path. The owner's own events
+        # wait for its next yield whatever their size.
+        self._others = 0
 
     def write(self, chunk: Chunk) -> None:
-        if self._size + len(chunk.data) > self.max_bytes:
+        """Buffer an event from another thread, unless the client is not reading.
+
+        The client counts as not reading when events of other threads already
+        wait and this one would take them past *max_bytes*; a single event
+        of any size is taken when nothing else of theirs waits.
+        """
+        if self._others and self._others + len(chunk.data) > self.max_bytes:
             raise TransportClosed(
                 f"The client is not reading: more than {self.max_bytes} bytes are waiting."
             )
         self.write_unbounded(chunk)
+        self._others += len(chunk.data)
 
     def write_unbounded(self, chunk: Chunk) -> None:
         """Buffer *chunk* whatever the size (for the stream's own thread, which drains it)."""
@@ -165,6 +176,7 @@ class QueueTransport:
         data = b"".join(self._parts)
         self._parts.clear()
         self._size = 0
+        self._others = 0
         return data
 
 
@@ -290,11 +302,14 @@ class SocketTransport:
     def flush_blocking(self, timeout: float) -> bool:
         """Wait up to *timeout* seconds for the backlog to drain (a stream's normal end)."""
         deadline = time.monotonic() + timeout
-        while not self.closed and not self.flush():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            wait_writable(self.sock, min(left, 1.0))
+        try:
+            while not self.closed and not self.flush():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait_writable(self.sock, min(left, 1.0))
+        except TransportClosed:
+            return False  # the client left meanwhile: an unclean end, not a server error
         return not self.closed
 
 
@@ -487,13 +502,21 @@ class SocketWatcher:
         gone = _probe(sock, hangup=bool(mask & (select.EPOLLERR | select.EPOLLHUP)))
         if gone is None:
             return  # alive: the event was stale, or the client is pipelining
-        if gone == "":
-            # Pipelining bytes wait for the server; stop watching for reading.
-            with self._lock:
-                if self._watched.get(fd) is entry:
-                    self._set_mask(fd, entry, entry.mask & ~self.IN)
-            return
-        self.remove(sock)
+        with self._lock:
+            if self._watched.get(fd) is not entry:
+                # Its stream ended and the next one on the same connection (or on a new
+                # one with the same number) watches it now: epoll reports the state
+                # again for that entry, whose owner is the one to tell.
+                return
+            if gone == "":
+                # Pipelining bytes wait for the server; stop watching for reading.
+                self._set_mask(fd, entry, entry.mask & ~self.IN)
+                return
+            del self._watched[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
         owner._peer_gone(gone)
 
 
