@@ -19,8 +19,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--torture-seconds",
         type=float,
-        default=8.0,
-        help="How long each run of tests/test_torture.py attacks the server (default 8).",
+        default=10.0,
+        help="How long each run of tests/test_torture.py attacks the server (default 10).",
     )
     group.addoption(
         "--torture-seed",

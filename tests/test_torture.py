@@ -117,7 +117,7 @@ class Scenario:
 
 
 SCENARIOS = [
-    pytest.param(Scenario(workers=1, threads=48, redis=False, churn=30, senders=4), id="1worker"),
+    pytest.param(Scenario(workers=1, threads=48, redis=False, churn=36, senders=4), id="1worker"),
     pytest.param(
         Scenario(workers=2, threads=40, redis=True, churn=30, senders=4),
         id="2workers-redis",
@@ -181,6 +181,7 @@ class Client:
     key: str | None
     room: str | None
     leave: str
+    peer: bool = False  # its handler writes to the other streams of its key
     status: int = 0
     pid: int | None = None
     path: str | None = None
@@ -200,6 +201,7 @@ class Client:
     end: str = ""  # clean, abrupt, broken, silent, left, refused, failed
     t_end: float = 0.0
     done: bool = False
+    error: str = ""
 
 
 class Violations:
@@ -361,6 +363,7 @@ class Torture:
         self.threads: list[threading.Thread] = []
         self.notes: list[str] = []
         self.verified = 0  # events a steady reader had to get, and was checked for
+        self.caps: dict[int, tuple[int, int | None]] = {}  # most streams held, and the cap
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -389,6 +392,8 @@ class Torture:
 
     def open_stream(self, client: Client, rcvbuf: int | None = None) -> RawHTTPStream | None:
         query = f"/sse?cid={client.cid}&kind={client.kind}"
+        if client.peer:
+            query += "&peer=1"
         if client.key:
             query += f"&key={client.key}"
         if client.room:
@@ -398,8 +403,9 @@ class Torture:
         try:
             stream = RawHTTPStream(self.server.port, query, rcvbuf=rcvbuf, timeout=30)
         except (OSError, ProtocolError) as e:
+            # Judged at the end: a close command may have hit it in on_connect.
             client.end, client.t_end, client.done = "failed", self.now(), True
-            self.violations.add("a stream could not be opened", f"{client.cid}: {e!r}")
+            client.error = repr(e)
             return None
         client.status = stream.status
         if stream.status != 200:
@@ -442,6 +448,13 @@ class Torture:
         events = parser.feed(chunk)
         if parser.has_pending:
             self.violations.add("a chunk holds part of an event", f"{client.cid}: {text[-80:]!r}")
+        if parser.comments and client.path is not None and client.kind != "warm":
+            # The handler ticks more often than the heartbeat: a heartbeat means that it
+            # is gone while its stream lives on.
+            self.violations.add(
+                "a stream outlived its handler (heartbeats, no more ticks)",
+                f"{client.cid} ({client.kind}, key {client.key}) after tick {client.own}",
+            )
         for event in events:
             self.on_event(client, event)
 
@@ -475,6 +488,8 @@ class Torture:
             client.own = tag["q"]
         elif kind == "resync":
             client.resyncs[tag["ch"]].append(self.now())
+        elif kind == "peer":
+            pass  # another stream's handler wrote it: no order to keep
         else:
             sender, seq, channel = tag["s"], tag["q"], tag["ch"]
             last = client.last_seq.get((sender, channel))
@@ -663,7 +678,7 @@ class Torture:
                 room_for = self.scenario.churn - self.churn_alive
             if room_for > 0:
                 kind = rng.choices(kinds, weights)[0]
-                count = 8 if kind == "burst" else 1
+                count = 12 if kind == "burst" else 1
                 for _ in range(count):
                     real = "normal" if kind == "burst" else kind
                     client = Client(
@@ -672,6 +687,7 @@ class Torture:
                         key=rng.choice(CHURN_KEYS),
                         room=rng.choice((None, *self.room_names())),
                         leave=rng.choice(LEAVES),
+                        peer=real == "normal" and rng.random() < 0.3,
                     )
                     with self.lock:
                         self.churn_alive += 1
@@ -892,6 +908,7 @@ class Torture:
         self.check_steady(steady, final)
         # Everything is gone: the server must be back where it started.
         stats = self.settle("after the attack")
+        self.caps = {pid: (st["max_open"], st["stream_limit"]) for pid, st in stats.items()}
         self.check_clients(stats)
         self.check_baseline(pids, base_stats, stats, base_fds)
 
@@ -967,14 +984,18 @@ class Torture:
                 )
             if client.t_reg is not None and connects[cid] != 1:
                 self.violations.add("a stream was served without on_connect", cid)
-            if not connects[cid]:
-                continue
             reason = reasons.get(cid, "")
             asked = [c for c in closes.get(client.key or "", []) if c.start < client.t_end]
             asked_clean = [c for c in asked if c.action == "close"]
             where = (
                 f"{cid} ({client.kind}, key {client.key}): ended {client.end}, reason {reason!r}"
             )
+            if client.end == "failed" and not asked:
+                self.violations.add(
+                    "a stream could not be opened", f"{where}; the client saw {client.error}"
+                )
+            if not connects[cid]:
+                continue
             if client.end == "clean":
                 if not reason.startswith("closed by the server") or not asked_clean:
                     self.violations.add(
@@ -1084,6 +1105,7 @@ class Torture:
             f"{len(self.clients)} stream clients {dict(sorted(ends.items()))};"
             f" {len(self.commands)} commands ({failed} not 200) {dict(sorted(actions.items()))};"
             f" {self.verified} deliveries to steady readers checked;"
+            f" streams held at most / cap by worker {self.caps};"
             f" notes: {self.notes[:10]}"
         )
 

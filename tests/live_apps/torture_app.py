@@ -10,7 +10,8 @@ whose tag is ``{"t": kind, "s": sender, "q": sequence, "ch": channel, ...}``.
   that room's current registry, and sends ``{"t": "reg", "cid", "pid"}``. The handler
   then sends ``{"t": "path", "path"}`` and an own tick ``{"t": "own", "q": n}`` (n = 1,
   2, ...) every few hundred milliseconds, now and then a large one (bigger than the
-  backlog bound, so the owner has to drain). ``on_disconnect`` counts the end and keeps
+  backlog bound, so the owner has to drain); with ``peer=1``, the handler also writes to
+  the other streams of its key, uncaught. ``on_disconnect`` counts the end and keeps
   the close reason. ``kind=slow`` and ``kind=stalled`` shrink the socket's send buffer
   so a client that reads slowly fills it quickly.
 - ``POST /bcast?s=&q=[&c=label][&pad=n][&html=1]``: ``main.broadcast`` (coalesced with
@@ -158,12 +159,19 @@ def disconnect(gen: Stream) -> None:
 @datastar.sse(on_connect=connect, on_disconnect=disconnect)
 def sse(gen: Stream) -> Iterator[Any]:
     gen.patch_signals({"t": "path", "path": gen.path})
+    key, peer = request.args.get("key"), request.args.get("peer") == "1"
     n = 0
     while True:
         yield gen.sleep(OWN_TICK)
         n += 1
         big = request.args.get("kind") == "slow" and n % 5 == 0
         gen.patch_signals({"t": "own", "q": n, "pad": "x" * OWN_BIG if big else ""})
+        if peer and key:
+            # As a chat handler writing to the other tabs of its user: one of them may
+            # have left, and its StreamClosed is not this stream's end.
+            for other in main.snapshot(key):
+                if other is not gen:
+                    other.patch_signals({"t": "peer"})
 
 
 def _tag(kind: str, channel: str) -> dict[str, Any]:
