@@ -448,9 +448,10 @@ class Torture:
         events = parser.feed(chunk)
         if parser.has_pending:
             self.violations.add("a chunk holds part of an event", f"{client.cid}: {text[-80:]!r}")
-        if parser.comments and client.path is not None and client.kind != "warm":
-            # The handler ticks more often than the heartbeat: a heartbeat means that it
-            # is gone while its stream lives on.
+        if parser.comments and client.path is not None and client.kind in ("normal", "steady"):
+            # The handler ticks more often than the heartbeat, and (for a client that
+            # reads) never waits for a backlog: a heartbeat means that it is gone while
+            # its stream lives on.
             self.violations.add(
                 "a stream outlived its handler (heartbeats, no more ticks)",
                 f"{client.cid} ({client.kind}, key {client.key}) after tick {client.own}",
@@ -1011,7 +1012,10 @@ class Torture:
                     "the server ended a stream as if its client had left, while it was there",
                     where,
                 )
-            elif reason.startswith(NOT_READING):
+            elif reason.startswith(NOT_READING) or (
+                reason.startswith(CLIENT_FAILED) and "timed out" in reason
+            ):
+                # (TCP_USER_TIMEOUT also ends a connection whose window stays shut.)
                 if client.kind not in ("slow", "stalled"):
                     self.violations.add("a reading client was cut as not reading", where)
             elif reason.startswith("closed by the server"):
