@@ -1007,17 +1007,17 @@ class Torture:
                 continue  # the client left first, or saw the fence, or is flagged already
             if client.fin_at is not None and client.fin_at < client.t_end:
                 continue  # after its FIN, any reason will do
-            if reason.startswith(CLIENT_LEFT + CLIENT_FAILED):
-                self.violations.add(
-                    "the server ended a stream as if its client had left, while it was there",
-                    where,
-                )
-            elif reason.startswith(NOT_READING) or (
+            if reason.startswith(NOT_READING) or (
                 reason.startswith(CLIENT_FAILED) and "timed out" in reason
             ):
                 # (TCP_USER_TIMEOUT also ends a connection whose window stays shut.)
                 if client.kind not in ("slow", "stalled"):
                     self.violations.add("a reading client was cut as not reading", where)
+            elif reason.startswith(CLIENT_LEFT + CLIENT_FAILED):
+                self.violations.add(
+                    "the server ended a stream as if its client had left, while it was there",
+                    where,
+                )
             elif reason.startswith("closed by the server"):
                 if not asked:
                     self.violations.add("a stream was closed by the server unasked", where)
