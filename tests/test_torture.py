@@ -91,6 +91,8 @@ ROOMS = 3
 LABELS = ("L0", "L1", "L2")
 STEADY_KEYS = ("sk0", "sk1", "sk2")
 CHURN_KEYS = ("ck0", "ck1", "ck2", "ck3", "ck4")
+# Close commands hit these only: the peer writers (on ck0, ck1, ck2) must stay.
+CLOSE_KEYS = ("ck3", "ck4")
 # A normal reader's stream that stays this long without a byte (heartbeats come every
 # HEARTBEAT seconds) has gone silent.
 SILENCE = 15.0
@@ -114,6 +116,7 @@ class Scenario:
     churn: int  # churn clients alive at once (bursts add more)
     senders: int
     steady: int = 6
+    peer_writers: int = 3
 
 
 SCENARIOS = [
@@ -614,6 +617,29 @@ class Torture:
             )
         self.finish(client, stream, ended, client.leave)
 
+    def peer_writer(self, client: Client) -> None:
+        """Hold a stream whose handler writes to the streams of churn clients as they leave.
+
+        A peer's ``StreamClosed`` may end the handler; then the stream must end too,
+        rather than live on without its handler.
+        """
+        stream = self.open_stream(client)
+        if stream is None:
+            return
+        ended = self.read(
+            client, stream, float("inf"), stop_when=lambda: client.fence or self.give_up.is_set()
+        )
+        if ended is None:
+            # Its handler ticks every few hundred milliseconds while it lives.
+            ticks = client.own
+            ended = self.read(client, stream, self.now() + SETTLE / 3, lambda: client.own > ticks)
+            if ended is None and client.own == ticks:
+                self.violations.add(
+                    "a stream outlived its handler (no tick, the stream still open)",
+                    f"{client.cid} (key {client.key}): no tick after #{ticks} for {SETTLE / 3} s",
+                )
+        self.finish(client, stream, ended, client.leave)
+
     def churn(self, client: Client, rng: random.Random) -> None:
         try:
             if client.kind == "vanish":
@@ -729,7 +755,7 @@ class Torture:
             query += f"&r={rng.choice(self.room_names())}"
         elif action.startswith("close"):
             path, channel = "/close", ""
-            key = rng.choice(CHURN_KEYS)  # never a steady reader's
+            key = rng.choice(CLOSE_KEYS)  # never a steady reader's or a peer writer's
             query += "&reconnect=1" if action == "close_reconnect" else "&reconnect=0"
         else:
             path, channel = "/empty", ""
@@ -843,6 +869,16 @@ class Torture:
             self.start_thread(self.steady, client, ready)
             ready.wait(30)
             steady.append(client)
+        for i in range(scenario.peer_writers):
+            writer = Client(
+                cid=f"writer{i}",
+                kind="writer",
+                key=CHURN_KEYS[i],
+                room=None,
+                leave="close",
+                peer=True,
+            )
+            self.start_thread(self.peer_writer, writer)
         deadline = self.now() + 30
         while any(c.t_reg is None and not c.done for c in steady) and self.now() < deadline:
             time.sleep(0.05)
@@ -1007,7 +1043,9 @@ class Torture:
                 continue  # the client left first, or saw the fence, or is flagged already
             if client.fin_at is not None and client.fin_at < client.t_end:
                 continue  # after its FIN, any reason will do
-            if reason.startswith(NOT_READING) or (
+            if client.kind == "writer" and reason.startswith("the handler"):
+                pass  # a peer's StreamClosed may end its handler, and so its stream
+            elif reason.startswith(NOT_READING) or (
                 reason.startswith(CLIENT_FAILED) and "timed out" in reason
             ):
                 # (TCP_USER_TIMEOUT also ends a connection whose window stays shut.)
