@@ -1045,10 +1045,13 @@ class Torture:
                 continue  # after its FIN, any reason will do
             if client.kind == "writer" and reason.startswith("the handler"):
                 pass  # a peer's StreamClosed may end its handler, and so its stream
-            elif reason.startswith(NOT_READING) or (
-                reason.startswith(CLIENT_FAILED) and "timed out" in reason
+            elif (
+                reason.startswith(NOT_READING)
+                or (reason.startswith(CLIENT_FAILED) and "timed out" in reason)
+                or (reason.startswith(CLIENT_LEFT) and client.kind in ("slow", "stalled"))
             ):
-                # (TCP_USER_TIMEOUT also ends a connection whose window stays shut.)
+                # TCP_USER_TIMEOUT also ends a connection whose window stays shut, as an
+                # error on the socket: the watcher then reports a reset.
                 if client.kind not in ("slow", "stalled"):
                     self.violations.add("a reading client was cut as not reading", where)
             elif reason.startswith(CLIENT_LEFT + CLIENT_FAILED):
