@@ -1047,7 +1047,10 @@ class Torture:
                 pass  # a peer's StreamClosed may end its handler, and so its stream
             elif (
                 reason.startswith(NOT_READING)
-                or (reason.startswith(CLIENT_FAILED) and "timed out" in reason)
+                or (
+                    reason.startswith(CLIENT_FAILED)
+                    and ("timed out" in reason or "ETIMEDOUT" in reason)
+                )
                 or (reason.startswith(CLIENT_LEFT) and client.kind in ("slow", "stalled"))
             ):
                 # TCP_USER_TIMEOUT also ends a connection whose window stays shut, as an
