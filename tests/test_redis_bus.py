@@ -270,7 +270,9 @@ def test_fork_starts_a_listener_in_the_child(redis_server: RedisServer) -> None:
     assert "child listeners 1" in result.stdout
 
 
-def test_extension_joins_registries_to_the_redis_bus(redis_server: RedisServer, admin: Any) -> None:
+def test_extension_joins_registries_to_the_redis_bus(
+    redis_server: RedisServer, admin: Any
+) -> None:
     app = Flask("bus_app")
     datastar = FlaskDatastar(app, redis_url=redis_server.url)
     bus = datastar.bus(app)
