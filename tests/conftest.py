@@ -13,6 +13,23 @@ from flask_datastar import FlaskDatastar
 from tests.helpers import RedisServer, datastar_js
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the concurrency torture test (tests/test_torture.py)."""
+    group = parser.getgroup("torture", "the concurrency torture test")
+    group.addoption(
+        "--torture-seconds",
+        type=float,
+        default=10.0,
+        help="How long each run of tests/test_torture.py attacks the server (default 10).",
+    )
+    group.addoption(
+        "--torture-seed",
+        type=int,
+        default=None,
+        help="Replay tests/test_torture.py with this seed (printed by every run).",
+    )
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A real ``redis-server`` on a free loopback port, stopped after the test."""
