@@ -589,7 +589,14 @@ class Stream:
         """
         self._owner = threading.get_ident()
         for hook in self._on_connect:
-            hook(self)
+            try:
+                hook(self)
+            except StreamClosed as e:
+                if e.stream is not None and e.stream is not self:
+                    raise
+                # Closed meanwhile (by another thread, or too much waited): the
+                # response goes out and ends at once, as any closed stream's does.
+                return
 
     def _abandon(self) -> None:
         """End a stream whose response never ran (the view failed after opening it)."""
@@ -598,7 +605,7 @@ class Stream:
         self._end("the response was never sent", abort=False)
         self._disconnect()
 
-    def _bound_unacknowledged_data(self) -> None:
+    def _bound_unacknowledged_data(self, bound: bool = True) -> None:
         """Give up on a peer that acknowledges nothing for ``send_timeout`` seconds.
 
         A client that vanished without FIN or RST (a sleeping laptop, a dropped
@@ -613,8 +620,12 @@ class Stream:
             return
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
+        # After a clean end the connection may carry more requests (keep-alive): give
+        # it the kernel's default back, or its idle wait would end in an ETIMEDOUT
+        # that the server logs as an error.
+        value = int(self.config.send_timeout * 1000) if bound else 0
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, option, int(self.config.send_timeout * 1000))
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
         except OSError:
             pass  # not TCP after all, or the platform refuses: keep the kernel's default
 
@@ -922,6 +933,8 @@ class Stream:
                     self._abort = True
             if self._abort:
                 self._abort_connection()
+            else:
+                self._bound_unacknowledged_data(bound=False)
         finally:
             self._disconnect()
 

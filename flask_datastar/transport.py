@@ -310,7 +310,17 @@ class SocketTransport:
                 wait_writable(self.sock, min(left, 1.0))
         except TransportClosed:
             return False  # the client left meanwhile: an unclean end, not a server error
-        return not self.closed
+        if self.closed:
+            return False
+        # The server writes its terminating chunk next, with a blocking send: it must
+        # find room, or it would wait for a client that takes nothing, and end in an
+        # error of its own. Nor may the connection have failed already.
+        if not wait_writable(self.sock, max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            return not self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return False
 
 
 def _header(headers: Any, name: str) -> bool:

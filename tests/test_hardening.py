@@ -425,3 +425,41 @@ def test_async_handlers_and_content_are_refused_in_the_view(app: Flask) -> None:
         with pytest.raises(TypeError, match="async generator"):
             DatastarResponse(agen)
     assert open_streams() == []
+
+
+# -- found by the torture test -------------------------------------------------------
+
+
+def test_a_stream_closed_while_its_on_connect_sends_ends_quietly(app: Flask) -> None:
+    """Another thread may close a stream between its registration and the first send
+    of ``on_connect``: the view still answers (before, StreamClosed left it: a 500)."""
+    ended: list[str] = []
+
+    def connect(gen: Stream) -> None:
+        gen.close()  # what a close command racing the registration does
+        gen.patch_signals({"first": True})
+
+    @app.get("/s")
+    @sse_stream(on_connect=connect, on_disconnect=lambda gen: ended.append(gen.close_reason))
+    def handler(gen: Stream) -> Iterator[Any]:
+        yield gen.sleep()
+
+    response = app.test_client().get("/s")
+    assert response.status_code == 200
+    assert response.get_data() == b":\n\n"  # the headers' comment, then a clean end
+    response.close()
+    assert ended == ["closed by the server"]
+    assert open_streams() == []
+
+
+@pytest.mark.live
+def test_a_clean_end_gives_the_kept_alive_connection_its_default_user_timeout() -> None:
+    """A stream bounds unacknowledged data with TCP_USER_TIMEOUT. Left on a connection
+    that goes on with keep-alive, an idle client then ended in an ETIMEDOUT that
+    gunicorn logged as an error with a traceback."""
+    env = {"FLASK_DATASTAR_SEND_TIMEOUT": "7"}
+    with GunicornServer(APP, threads=4, env=env) as server:
+        with RawHTTPStream(server.port, "/oneshot") as stream:
+            assert len(list(stream.events(timeout=10))) == 4  # a clean end
+            stream.request("GET", "/user-timeout")
+            assert json.loads(stream.read_body(timeout=10)) == {"ms": 0}

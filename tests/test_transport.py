@@ -198,3 +198,31 @@ def test_the_owners_small_events_do_not_widen_the_bound(
         for _ in range(100):
             transport.write(small)  # a broadcaster's
     assert transport.pending() <= 8192 + len(small.framed)
+
+
+def test_a_clean_end_needs_room_for_the_servers_terminating_chunk(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """After the backlog, the server writes its terminating chunk with a blocking send.
+    A client that takes nothing (its buffers full, our backlog empty) would hold that
+    send until the TCP user timeout, which gunicorn then logs as an error: the end is
+    not clean, and the stream is cut instead (found by the torture test)."""
+    server, client = pair
+    transport = SocketTransport(server, max_backlog=8192)
+    server.setblocking(False)
+    try:
+        while True:
+            server.send(b"x" * 4096)  # fill the kernel's buffers behind the transport
+    except BlockingIOError:
+        pass
+    server.setblocking(True)
+    assert transport.pending() == 0
+    assert not transport.flush_blocking(0.3)
+    # Once the client reads, there is room again, and the end is clean.
+    client.setblocking(False)
+    try:
+        while client.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
+    assert transport.flush_blocking(0.3)

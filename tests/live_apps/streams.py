@@ -163,6 +163,14 @@ def raw() -> Any:
     return "", 204
 
 
+@app.get("/user-timeout")
+def user_timeout() -> Any:
+    """The TCP user timeout of this request's connection (a plain request, no stream)."""
+    sock = request.environ.get("gunicorn.socket")
+    assert isinstance(sock, socket.socket)
+    return jsonify(ms=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+
 @app.post("/click")
 def click() -> tuple[str, int]:
     pad = "x" * int(request.args.get("pad", "0"))
