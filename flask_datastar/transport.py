@@ -77,6 +77,15 @@ def _encode(text: str) -> bytes:
         return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes written to *sock* that its peer has not acknowledged yet (Linux's SIOCOUTQ)."""
+    import fcntl
+    import termios
+
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
 def wait_writable(sock: socket.socket, timeout: float) -> bool:
     """Wait up to *timeout* seconds for *sock* to be writable; return whether it is.
 
@@ -312,15 +321,25 @@ class SocketTransport:
             return False  # the client left meanwhile: an unclean end, not a server error
         if self.closed:
             return False
-        # The server writes its terminating chunk next, with a blocking send: it must
-        # find room, or it would wait for a client that takes nothing, and end in an
-        # error of its own. Nor may the connection have failed already.
-        if not wait_writable(self.sock, max(0.0, deadline - time.monotonic())):
-            return False
-        try:
-            return not self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            return False
+        # The server writes its terminating chunk next, with a blocking send, and the
+        # connection may carry more requests: that is safe only with a client that
+        # takes what it is sent. One that stopped reading would hold that send until
+        # the TCP user timeout and end in an error the server logs. So wait until the
+        # client has acknowledged every byte (a round trip for a live client).
+        pause = 0.001
+        while True:
+            try:
+                if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    return False
+                if _unacknowledged(self.sock) == 0:
+                    return True
+            except OSError:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
 
 
 def _header(headers: Any, name: str) -> bool:
