@@ -935,6 +935,9 @@ class Stream:
                 self._abort_connection()
             else:
                 self._bound_unacknowledged_data(bound=False)
+            log.debug(
+                "flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly"
+            )
         finally:
             self._disconnect()
 

@@ -1192,6 +1192,7 @@ def test_torture(scenario: Scenario, torture_settings: tuple[int, float], tmp_pa
         "FLASK_DATASTAR_SEND_TIMEOUT": str(SEND_TIMEOUT),
         "TORTURE_FD_PAD": "0" if "fdpad" in WITHOUT else str(FD_PAD),
         "TORTURE_ROOMS": str(ROOMS),
+        "TORTURE_DEBUG": os.environ.get("TORTURE_DEBUG", ""),
     }
     began = time.monotonic()
     with ExitStack() as stack:

@@ -284,3 +284,12 @@ def stats() -> Any:
         threads=sorted(thread.name for thread in threading.enumerate()),
         **counts,
     )
+
+if os.environ.get("TORTURE_DEBUG"):  # temporary diagnostics
+    import logging
+    import sys as _sys
+
+    _h = logging.StreamHandler(_sys.stderr)
+    _h.setFormatter(logging.Formatter("%(asctime)s DEBUG %(message)s"))
+    logging.getLogger("flask_datastar").addHandler(_h)
+    logging.getLogger("flask_datastar").setLevel(logging.DEBUG)
