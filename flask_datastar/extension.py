@@ -6,7 +6,7 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
@@ -84,6 +84,17 @@ def _boolean(value: Any, key: str) -> bool:
             return False
         raise ValueError(f"{key} must be true or false, not {value!r}.")
     return bool(value)
+
+
+def _unproxied(app: Flask) -> Flask:
+    """Return the app itself when *app* is the :data:`flask.current_app` proxy.
+
+    What outlives the call (a registry's ``on_resync``, run by the bus's own
+    thread; a handle's table of apps) must hold the app, not a proxy that
+    points at nothing outside the context.
+    """
+    get = getattr(app, "_get_current_object", None)
+    return app if get is None else cast(Flask, get())
 
 
 @dataclass
@@ -217,7 +228,8 @@ class FlaskDatastar:
         *linger*), and the next call makes a new one. Safe to call from any
         thread.
 
-        :param app: an app this extension was registered on.
+        :param app: an app this extension was registered on, or
+            :data:`flask.current_app`.
         :param name: the registry's topic.
         :param on_resync: see :class:`~flask_datastar.SSERegistry`; it runs in
             an app context of *app* (the bus calls it from its own thread).
@@ -226,6 +238,7 @@ class FlaskDatastar:
         :param linger: see :class:`~flask_datastar.SSERegistry`; only the call
             that creates the registry sets it.
         """
+        app = _unproxied(app)
         state = self._state(app)
         with state.registries_lock:
             registry = state.registries.get(name)
@@ -390,6 +403,7 @@ class RegistryHandle:
         :raises RuntimeError: the extension is not registered on *app*, or
             *app* already made this registry with other options.
         """
+        app = _unproxied(app)
         registry = self._bound.get(app)
         if registry is not None:
             return registry
@@ -421,8 +435,7 @@ class RegistryHandle:
                 f" inside 'with app.app_context():', or call '.for_app(app)' on it to get"
                 " the app's registry where there is no context (a thread of your own)."
             )
-        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-        return self.for_app(app)
+        return self.for_app(current_app)
 
     # -- the registry's methods, on the current app's registry ---------------------------
 

@@ -280,3 +280,24 @@ def test_on_resync_of_a_handle_runs_in_its_apps_context(redis_server: RedisServe
             bus = own.bus(app)
             assert isinstance(bus, RedisBus)
             bus.close()
+
+
+def test_current_app_may_stand_for_the_app() -> None:
+    # The docs' pattern for registries made on the fly: datastar.registry(current_app, ...).
+    own = FlaskDatastar()
+    app = Flask("proxied")
+    own.init_app(app)
+    seen: list[str] = []
+    with app.app_context():
+        registry = own.registry(
+            current_app, "room:1", on_resync=lambda gen: seen.append(current_app.name)
+        )
+        assert registry is own.registry(app, "room:1")
+        handle = own.registry_handle("proxied")
+        assert handle.for_app(current_app) is handle.for_app(app)
+    assert registry.on_resync is not None
+    # The bus calls on_resync from its own thread, where the proxy points at nothing.
+    thread = threading.Thread(target=registry.on_resync, args=(Stream({}),))
+    thread.start()
+    thread.join()
+    assert seen == ["proxied"]
