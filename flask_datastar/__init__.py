@@ -23,7 +23,7 @@ from .actions import (
     sse_put,
 )
 from .bus import Bus, BusError, LocalBus, RedisBus
-from .extension import DatastarConfig, FlaskDatastar
+from .extension import DatastarConfig, FlaskDatastar, RegistryHandle
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
 from .signals import is_datastar_request, read_signals
@@ -56,6 +56,7 @@ __all__ = [
     "FlaskDatastar",
     "LocalBus",
     "RedisBus",
+    "RegistryHandle",
     "SSERegistry",
     "ServerSentEventGenerator",
     "Stream",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, cast, overload
 
-from flask import Flask
+from flask import Flask, current_app, has_app_context
 
 from . import actions
 from .registry import LINGER, SSERegistry
@@ -19,7 +19,7 @@ from .stream import Hook, Stream, StreamConfig
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["DatastarConfig", "FlaskDatastar"]
+__all__ = ["DatastarConfig", "FlaskDatastar", "RegistryHandle"]
 
 P = ParamSpec("P")
 
@@ -86,6 +86,17 @@ def _boolean(value: Any, key: str) -> bool:
     return bool(value)
 
 
+def _unproxied(app: Flask) -> Flask:
+    """Return the app itself when *app* is the :data:`flask.current_app` proxy.
+
+    What outlives the call (a registry's ``on_resync``, run by the bus's own
+    thread; a handle's table of apps) must hold the app, not a proxy that
+    points at nothing outside the context.
+    """
+    get = getattr(app, "_get_current_object", None)
+    return app if get is None else cast(Flask, get())
+
+
 @dataclass
 class _State:
     extension: FlaskDatastar
@@ -123,11 +134,17 @@ class FlaskDatastar:
             known = ", ".join(key[len("DATASTAR_") :].lower() for key in DEFAULTS)
             raise TypeError(f"Unknown FlaskDatastar option(s) {unknown}; known: {known}.")
         self.options = options
+        # Weak: a handle made on the fly and dropped is not bound to later apps.
+        self._handles: weakref.WeakSet[RegistryHandle] = weakref.WeakSet()
+        self._handles_lock = threading.Lock()
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
         """Register the extension on *app* and read its ``DATASTAR_*`` configuration.
+
+        The registries of the handles declared so far
+        (:meth:`registry_handle`) are created for *app* here.
 
         :param app: the Flask app.
         :raises RuntimeError: an instance was already registered on this app.
@@ -165,6 +182,11 @@ class FlaskDatastar:
             sse_patch=actions.sse_patch,
             sse_delete=actions.sse_delete,
         )
+        # Now, with each handle's options, before a view could make one without them.
+        with self._handles_lock:
+            handles = list(self._handles)
+        for handle in handles:
+            handle.for_app(app)
 
     @staticmethod
     def _state(app: Flask) -> _State:
@@ -206,7 +228,8 @@ class FlaskDatastar:
         *linger*), and the next call makes a new one. Safe to call from any
         thread.
 
-        :param app: an app this extension was registered on.
+        :param app: an app this extension was registered on, or
+            :data:`flask.current_app`.
         :param name: the registry's topic.
         :param on_resync: see :class:`~flask_datastar.SSERegistry`; it runs in
             an app context of *app* (the bus calls it from its own thread).
@@ -215,6 +238,7 @@ class FlaskDatastar:
         :param linger: see :class:`~flask_datastar.SSERegistry`; only the call
             that creates the registry sets it.
         """
+        app = _unproxied(app)
         state = self._state(app)
         with state.registries_lock:
             registry = state.registries.get(name)
@@ -222,14 +246,51 @@ class FlaskDatastar:
                 resync = None
                 if on_resync is not None:
                     hook = on_resync
+                    # Weak: a handle holds its registries for as long as their apps
+                    # live, and a registry holding its app would keep both forever.
+                    app_ref = weakref.ref(app)
 
                     def resync(gen: Stream) -> object:
-                        with app.app_context():
+                        bound = app_ref()
+                        if bound is None:
+                            return None  # the app is gone, and with it its streams
+                        with bound.app_context():
                             return hook(gen)
 
                 registry = SSERegistry(name, bus=state.bus, on_resync=resync, linger=linger)
                 state.registries[name] = registry
         return registry
+
+    def registry_handle(
+        self,
+        name: str = "default",
+        *,
+        on_resync: Callable[[Stream], object] | None = None,
+        linger: float = LINGER,
+    ) -> RegistryHandle:
+        """Declare the registry called *name* without an app, for app factories and blueprints.
+
+        Call it at import time, next to the extension, and import the handle
+        wherever the registry is used::
+
+            datastar = FlaskDatastar()
+            clients = datastar.registry_handle("clients")
+
+        The handle stands for each app's registry of that name: it is created
+        in :meth:`init_app` for every app (or on first use, for a handle
+        declared after :meth:`init_app` ran), and each call on the handle
+        goes to the registry of :data:`flask.current_app`. See
+        :class:`RegistryHandle`.
+
+        :param name: the registry's topic.
+        :param on_resync: see :meth:`registry`; it runs in an app context of
+            the app whose registry lost bus messages.
+        :param linger: see :class:`~flask_datastar.SSERegistry`.
+        """
+        handle = RegistryHandle(self, name, on_resync=on_resync, linger=linger)
+        with self._handles_lock:
+            self._handles.add(handle)
+        return handle
 
     def bus(self, app: Flask) -> Bus | None:
         """Return the bus *app*'s registries publish through, or ``None`` without one.
@@ -260,3 +321,222 @@ class FlaskDatastar:
         """
         decorate = sse_stream(on_connect=on_connect, on_disconnect=on_disconnect)
         return decorate(view) if view is not None else decorate
+
+
+class RegistryHandle:
+    """A registry declared at import time, standing for the registry of that name of each app.
+
+    Made by :meth:`FlaskDatastar.registry_handle`. With an app factory there
+    is no app at import time, so views and blueprints cannot share a
+    registry object; they share the handle instead::
+
+        # myapp/extensions.py
+        datastar = FlaskDatastar()
+        clients = datastar.registry_handle("clients")
+
+        # myapp/poll.py
+        from .extensions import clients, datastar
+
+        @bp.get("/sse")
+        @datastar.sse(on_connect=clients.register)
+        def sse(gen): ...
+
+        @bp.post("/vote")
+        def vote():
+            ...
+            clients.broadcast(SSE.patch_elements(html))
+
+    Every method of :class:`~flask_datastar.SSERegistry` is here, and each
+    call goes to the registry of :data:`flask.current_app`, the one that
+    ``datastar.registry(current_app, name)`` returns: so it needs an
+    application context, which views, stream hooks, CLI commands and
+    ``on_resync`` have. Where there is none (a thread of your own), use
+    :meth:`for_app` or push one with ``with app.app_context():``. Several
+    apps (two ``create_app()`` calls in one process, as tests make) each get
+    their own registry behind the same handle.
+
+    The handle keeps each app's registry alive while both exist, so the
+    registry keeps its streams and its bus subscription between calls. The
+    registry is created with the handle's *on_resync* and *linger*; binding
+    the handle to an app that already made its registry of that name with
+    other options raises :class:`RuntimeError`, so that an ``on_resync``
+    is never silently lost.
+
+    :param extension: the extension that declared it.
+    :param name: the registry's topic.
+    :param on_resync: see :meth:`FlaskDatastar.registry`.
+    :param linger: see :class:`~flask_datastar.SSERegistry`.
+    """
+
+    def __init__(
+        self,
+        extension: FlaskDatastar,
+        name: str = "default",
+        *,
+        on_resync: Callable[[Stream], object] | None = None,
+        linger: float = LINGER,
+    ) -> None:
+        if not linger >= 0:
+            raise ValueError(f"'linger' must be a number of seconds, 0 or more, not {linger!r}.")
+        self.extension = extension
+        self.name = name
+        self.on_resync = on_resync
+        self.linger = linger
+        # Strong values: the handle is what keeps each app's registry (which the
+        # extension holds weakly) alive. Weak keys: a discarded app takes its
+        # registry with it.
+        self._bound: weakref.WeakKeyDictionary[Flask, SSERegistry] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<RegistryHandle {self.name!r}>"
+
+    # -- finding the registry ---------------------------------------------------------
+
+    def for_app(self, app: Flask) -> SSERegistry:
+        """Return *app*'s registry of this name, creating it on first use; no context needed.
+
+        Use it where there is no application context, such as a thread of your
+        own that broadcasts: ``clients.for_app(app).broadcast(event)``.
+
+        :param app: an app the extension was registered on.
+        :raises RuntimeError: the extension is not registered on *app*, or
+            *app* already made this registry with other options.
+        """
+        app = _unproxied(app)
+        registry = self._bound.get(app)
+        if registry is not None:
+            return registry
+        registry = self.extension.registry(
+            app, self.name, on_resync=self.on_resync, linger=self.linger
+        )
+        if registry.linger != self.linger or (
+            self.on_resync is not None and registry.on_resync is None
+        ):
+            raise RuntimeError(
+                f"The app {app.name!r} already has a registry {self.name!r}, made with other"
+                " options (on_resync, linger) than its handle's, which would be lost. Reach"
+                " that registry through its handle only (the handle's methods, or"
+                f" 'handle.for_app(app)' rather than 'datastar.registry(app, {self.name!r})'),"
+                " and declare one handle per name."
+            )
+        with self._lock:
+            return self._bound.setdefault(app, registry)
+
+    def get(self) -> SSERegistry:
+        """Return the registry of the current app (:data:`flask.current_app`).
+
+        :raises RuntimeError: there is no application context.
+        """
+        if not has_app_context():
+            raise RuntimeError(
+                f"The registry handle {self.name!r} needs an application context to find"
+                " the app's registry: use it in a view, a stream hook or a CLI command,"
+                f" inside 'with app.app_context():', or call '.for_app(app)' on it to get"
+                " the app's registry where there is no context (a thread of your own)."
+            )
+        return self.for_app(current_app)
+
+    # -- the registry's methods, on the current app's registry ---------------------------
+
+    def register(self, gen: Stream, key: Any = None) -> Stream:
+        """Register *gen* in the current app's registry: :meth:`SSERegistry.register`.
+
+        Works as a hook: ``@datastar.sse(on_connect=clients.register)``.
+
+        :param gen: the stream.
+        :param key: the key that :meth:`send_to` reaches.
+        """
+        return self.get().register(gen, key)
+
+    def unregister(self, gen: Stream) -> bool:
+        """Remove *gen* from this handle's registry of whichever app it is in.
+
+        Unlike the other methods, it needs no application context. A stream
+        that ends leaves its registries by itself.
+
+        :param gen: the stream.
+        :return: whether it was registered.
+        """
+        with self._lock:
+            registries = list(self._bound.values())
+        return any([registry.unregister(gen) for registry in registries])
+
+    def broadcast(self, event: str | bytes, *, coalesce: Hashable | None = None) -> None:
+        """Send *event* to every stream of the current app's registry.
+
+        See :meth:`SSERegistry.broadcast`.
+
+        :param event: a complete event.
+        :param coalesce: a label for events where the newest supersedes the older.
+        """
+        self.get().broadcast(event, coalesce=coalesce)
+
+    def send_to(self, key: Any, event: str | bytes, *, coalesce: Hashable | None = None) -> None:
+        """Send *event* to the streams under *key*: :meth:`SSERegistry.send_to`.
+
+        :param key: the key given to :meth:`register`.
+        :param event: a complete event.
+        :param coalesce: as for :meth:`broadcast`.
+        """
+        self.get().send_to(key, event, coalesce=coalesce)
+
+    def notify_subscribers(self, fn: Callable[[Stream], object]) -> list[Stream]:
+        """Call ``fn(gen)`` for every stream of this process in the current app's registry.
+
+        See :meth:`SSERegistry.notify_subscribers`.
+
+        :param fn: the function to call.
+        :return: the streams that failed.
+        """
+        return self.get().notify_subscribers(fn)
+
+    def notify_subscriber(self, key: Any, fn: Callable[[Stream], object]) -> int:
+        """Call ``fn(gen)`` for the streams under *key*: :meth:`SSERegistry.notify_subscriber`.
+
+        :param key: the key given to :meth:`register`.
+        :param fn: the function to call.
+        :return: the number of streams reached without error.
+        """
+        return self.get().notify_subscriber(key, fn)
+
+    def snapshot(self, key: Any = None) -> list[Stream]:
+        """Return the registered streams: :meth:`SSERegistry.snapshot`.
+
+        :param key: only the streams registered with this key.
+        """
+        return self.get().snapshot(key)
+
+    def keys(self) -> list[Any]:
+        """Return the keys that have a stream: :meth:`SSERegistry.keys`."""
+        return self.get().keys()
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until everything queued is written: :meth:`SSERegistry.flush`.
+
+        :param timeout: seconds to wait at most.
+        """
+        return self.get().flush(timeout)
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Stop the current app's broadcaster and leave its bus: :meth:`SSERegistry.close`.
+
+        :param timeout: seconds to wait for the broadcaster to finish.
+        """
+        return self.get().close(timeout)
+
+    @property
+    def count(self) -> int:
+        """The number of streams in the current app's registry."""
+        return self.get().count
+
+    @property
+    def bus(self) -> Bus | None:
+        """The bus of the current app's registry, if any."""
+        return self.get().bus
+
+    def __len__(self) -> int:
+        return len(self.get())
+
+    def __contains__(self, gen: object) -> bool:
+        return gen in self.get()
