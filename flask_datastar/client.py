@@ -1,8 +1,8 @@
 """The Datastar client: the pinned release, its script tag, and the ``flask datastar`` commands.
 
 Pages load the client, one ES module, with ``{{ datastar_script() }}``. By
-default it comes from the official CDN, pinned to :data:`DATASTAR_VERSION` and
-checked by the browser against :data:`DATASTAR_INTEGRITY` (Subresource
+default it comes from the official CDN, pinned to :data:`~flask_datastar.DATASTAR_VERSION` and
+checked by the browser against :data:`~flask_datastar.DATASTAR_INTEGRITY` (Subresource
 Integrity). ``flask datastar fetch`` downloads that release once, on the
 developer's machine, checks its hash and writes it into the app's static
 folder; from then on ``datastar_script()`` loads it from there, with the same
@@ -36,7 +36,6 @@ __all__ = [
     "datastar_script",
     "datastar_url",
     "integrity_matches",
-    "local_client_path",
     "validate_integrity",
 ]
 
@@ -113,7 +112,8 @@ def integrity_matches(data: bytes, integrity: str) -> bool:
     *data* matches when its digest equals one of them.
 
     :param data: the script's bytes.
-    :param integrity: an ``integrity`` attribute value, such as :data:`DATASTAR_INTEGRITY`.
+    :param integrity: an ``integrity`` attribute value, such as
+        :data:`~flask_datastar.DATASTAR_INTEGRITY`.
     :raises ValueError: *integrity* is not a valid value.
     """
     pairs = _parse_integrity(integrity, "integrity")
@@ -127,7 +127,7 @@ def _sri(data: bytes, algorithm: str = "sha384") -> str:
     return f"{algorithm}-{base64.b64encode(hashlib.new(algorithm, data).digest()).decode()}"
 
 
-def local_client_path(app: Flask) -> Path | None:
+def _local_client_path(app: Flask) -> Path | None:
     """Return where ``flask datastar fetch`` writes the client for *app*.
 
     That is :data:`STATIC_FILENAME` inside the app's static folder, or ``None``
@@ -166,7 +166,7 @@ def _resolve() -> tuple[str, str | None]:
     if url:
         # Some other file: only the app knows its hash.
         return str(url), integrity
-    local = local_client_path(app)
+    local = _local_client_path(app)
     if local is not None and local.is_file():
         return _static_url(app), integrity or DATASTAR_INTEGRITY
     return DATASTAR_CDN_URL, integrity or DATASTAR_INTEGRITY
@@ -178,7 +178,7 @@ def datastar_url() -> str:
     Inside an application context it is, in order: ``DATASTAR_JS_URL`` when
     set; the app's own copy (``/static/datastar/datastar-1.0.2.js``) when
     ``flask datastar fetch`` has written it into the static folder; otherwise
-    the official CDN address of the pinned release (:data:`DATASTAR_CDN_URL`).
+    the official CDN address of the pinned release (:data:`~flask_datastar.DATASTAR_CDN_URL`).
     Outside one it is the CDN address.
     """
     return _resolve()[0]
@@ -188,7 +188,7 @@ def datastar_script(*, nonce: str | None = None) -> Markup:
     """Return the ``<script type="module">`` element that loads the Datastar client.
 
     Its address is :func:`datastar_url`'s. For the CDN and for the app's own
-    copy it carries ``integrity`` (:data:`DATASTAR_INTEGRITY`, or
+    copy it carries ``integrity`` (:data:`~flask_datastar.DATASTAR_INTEGRITY`, or
     ``DATASTAR_JS_INTEGRITY`` when set) and ``crossorigin="anonymous"``, so the
     browser refuses a file that is not the pinned release. For an address set
     with ``DATASTAR_JS_URL`` it carries ``integrity`` only when
@@ -226,7 +226,7 @@ def _expected_integrity(option: str | None) -> str:
 
 
 def _target() -> Path:
-    target = local_client_path(current_app)
+    target = _local_client_path(current_app)
     if target is None:
         raise click.ClickException(
             "The app has no static folder, so 'flask datastar fetch' has nowhere to write the"

@@ -40,7 +40,12 @@ DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class DatastarConfig:
-    """The ``DATASTAR_*`` settings of one app, read once by :meth:`FlaskDatastar.init_app`."""
+    """The ``DATASTAR_*`` settings of one app, read once by :meth:`FlaskDatastar.init_app`.
+
+    ``js_url`` and ``js_integrity`` are the values at that moment, checked there;
+    :func:`~flask_datastar.datastar_script` and :func:`~flask_datastar.datastar_url`
+    read those two keys from ``app.config`` again on every call.
+    """
 
     heartbeat: float
     max_backlog: int
