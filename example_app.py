@@ -64,7 +64,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Fat CQRS</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-init="{{ sse_get('/sse') }}">
   <h1>Fat CQRS</h1>

@@ -43,7 +43,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Chat</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-init="{{ sse_get('/sse') }}">
   <h1>Chat</h1>

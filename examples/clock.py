@@ -34,7 +34,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Clock</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-init="{{ sse_get('/clock') }}">
   <h1>Clock</h1>

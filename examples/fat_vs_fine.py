@@ -54,7 +54,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Fat morph vs fine-grained</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-signals="{mode: 'fat'}" data-init="{{ sse_get('/sse') }}">
   <h1>Which way to update a page?</h1>

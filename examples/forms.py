@@ -41,7 +41,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Sign up</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
   <style>.error { color: #b00020 } label { display: block; margin: 0.5em 0 }</style>
 </head>
 <body>

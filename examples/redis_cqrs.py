@@ -63,7 +63,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>CQRS with Redis</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-init="{{ sse_get('/sse') }}">
   <h1>CQRS with Redis</h1>

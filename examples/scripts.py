@@ -39,7 +39,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Commands for the browser</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-signals="{secret: 'The cake is a lie'}">
   <h1>Commands for the browser</h1>

@@ -32,7 +32,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Signals</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-signals="{name: '', shout: false, greeting: '', _draft: 'stays in the page'}">
   <h1>Signals</h1>

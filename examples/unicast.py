@@ -40,7 +40,7 @@ PAGE = """\
 <head>
   <meta charset="utf-8">
   <title>Per-tab messages</title>
-  <script type="module" src="{{ datastar_url() }}"></script>
+  {{ datastar_script() }}
 </head>
 <body data-signals="{tabId: {{ js(tab_id) }}, to: '', message: ''}"
       data-init="{{ sse_get('/sse') }}">

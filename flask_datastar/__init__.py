@@ -4,17 +4,15 @@ The wire format is in :mod:`flask_datastar.sse`, the stream in
 :mod:`flask_datastar.stream`, how bytes reach the client in
 :mod:`flask_datastar.transport`, the connection registry in
 :mod:`flask_datastar.registry`, broadcasts across processes in
-:mod:`flask_datastar.bus`, and the Flask glue in
+:mod:`flask_datastar.bus`, the Datastar client's script tag and
+``flask datastar`` commands in :mod:`flask_datastar.client`, and the Flask glue in
 :mod:`flask_datastar.extension` and :mod:`flask_datastar.response`.
 """
 
 from __future__ import annotations
 
 from .actions import (
-    DATASTAR_CDN_URL,
-    DATASTAR_VERSION,
     JS,
-    datastar_url,
     js_literal,
     sse_delete,
     sse_get,
@@ -23,6 +21,13 @@ from .actions import (
     sse_put,
 )
 from .bus import Bus, BusError, LocalBus, RedisBus
+from .client import (
+    DATASTAR_CDN_URL,
+    DATASTAR_INTEGRITY,
+    DATASTAR_VERSION,
+    datastar_script,
+    datastar_url,
+)
 from .extension import DatastarConfig, FlaskDatastar, RegistryHandle
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
@@ -41,6 +46,7 @@ from .stream import Stream, StreamClosed, close_all_streams, open_streams, with_
 
 __all__ = [
     "DATASTAR_CDN_URL",
+    "DATASTAR_INTEGRITY",
     "DATASTAR_VERSION",
     "JS",
     "SSE",
@@ -63,6 +69,7 @@ __all__ = [
     "StreamClosed",
     "close_all_streams",
     "datastar_response",
+    "datastar_script",
     "datastar_url",
     "is_datastar_request",
     "js_literal",

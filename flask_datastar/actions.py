@@ -14,6 +14,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# The client's release and address live in .client; imported here so that the names
+# keep working from flask_datastar.actions.
+from .client import DATASTAR_CDN_URL, DATASTAR_VERSION, datastar_url
+
 __all__ = [
     "DATASTAR_CDN_URL",
     "DATASTAR_VERSION",
@@ -26,13 +30,6 @@ __all__ = [
     "sse_post",
     "sse_put",
 ]
-
-#: The Datastar client release this package speaks to.
-DATASTAR_VERSION = "1.0.2"
-#: The official CDN address of that release (the default of ``DATASTAR_JS_URL``).
-DATASTAR_CDN_URL = (
-    f"https://cdn.jsdelivr.net/gh/starfederation/datastar@v{DATASTAR_VERSION}/bundles/datastar.js"
-)
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*\Z")
 # Everything that could end the string, the attribute or the script element,
@@ -143,18 +140,3 @@ def sse_patch(url: str, **options: Any) -> str:
 def sse_delete(url: str, **options: Any) -> str:
     """Return the ``@delete`` action expression for *url*; see :func:`sse_get`."""
     return _action("delete", url, options)
-
-
-def datastar_url() -> str:
-    """Return the address of the Datastar client script for ``<script type="module">``.
-
-    Inside an application context this is ``DATASTAR_JS_URL`` when set,
-    otherwise the official CDN address of the release this package speaks to.
-    """
-    try:
-        from flask import current_app
-
-        url = current_app.config.get("DATASTAR_JS_URL")
-    except (ImportError, RuntimeError):
-        url = None
-    return str(url) if url else DATASTAR_CDN_URL

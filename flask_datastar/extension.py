@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import actions
+from . import actions, client
 from .registry import LINGER, SSERegistry
 from .response import DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
@@ -33,13 +33,19 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_MAX_SIGNALS_BYTES": DEFAULT_MAX_SIGNALS_BYTES,
     "DATASTAR_MAX_STREAMS": None,
     "DATASTAR_JS_URL": None,
+    "DATASTAR_JS_INTEGRITY": None,
     "DATASTAR_REDIS_URL": None,
 }
 
 
 @dataclass(frozen=True)
 class DatastarConfig:
-    """The ``DATASTAR_*`` settings of one app, read once by :meth:`FlaskDatastar.init_app`."""
+    """The ``DATASTAR_*`` settings of one app, read once by :meth:`FlaskDatastar.init_app`.
+
+    ``js_url`` and ``js_integrity`` are the values at that moment, checked there;
+    :func:`~flask_datastar.datastar_script` and :func:`~flask_datastar.datastar_url`
+    read those two keys from ``app.config`` again on every call.
+    """
 
     heartbeat: float
     max_backlog: int
@@ -48,6 +54,7 @@ class DatastarConfig:
     max_signals_bytes: int
     max_streams: int | None
     js_url: str | None
+    js_integrity: str | None
     redis_url: str | None
 
     @classmethod
@@ -71,8 +78,16 @@ class DatastarConfig:
             max_signals_bytes=number("DATASTAR_MAX_SIGNALS_BYTES", int, 1),
             max_streams=None if max_streams is None else number("DATASTAR_MAX_STREAMS", int, 1),
             js_url=config["DATASTAR_JS_URL"] or None,
+            js_integrity=_integrity(config["DATASTAR_JS_INTEGRITY"]),
             redis_url=config["DATASTAR_REDIS_URL"] or None,
         )
+
+
+def _integrity(value: Any) -> str | None:
+    # Checked here so that a wrong hash fails at start-up, not in the first page.
+    if not value:
+        return None
+    return client.validate_integrity(str(value))
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -174,8 +189,10 @@ class FlaskDatastar:
             # registry of the app gets its first stream there.
             state.bus = RedisBus(config.redis_url)
         app.extensions["datastar"] = state
+        app.cli.add_command(client.cli)
         app.jinja_env.globals.update(
-            datastar_url=actions.datastar_url,
+            datastar_url=client.datastar_url,
+            datastar_script=client.datastar_script,
             sse_get=actions.sse_get,
             sse_post=actions.sse_post,
             sse_put=actions.sse_put,
