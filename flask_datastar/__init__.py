@@ -26,7 +26,7 @@ from .bus import Bus, BusError, LocalBus, RedisBus
 from .extension import DatastarConfig, FlaskDatastar
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
-from .signals import is_datastar_request, read_signals
+from .signals import dumps_signals, is_datastar_request, read_signals
 from .sse import (
     SSE,
     SSE_HEADERS,
@@ -63,6 +63,7 @@ __all__ = [
     "close_all_streams",
     "datastar_response",
     "datastar_url",
+    "dumps_signals",
     "is_datastar_request",
     "js_literal",
     "js_string",
