@@ -10,6 +10,7 @@ The wire format is in :mod:`flask_datastar.sse`, the stream in
 
 from __future__ import annotations
 
+from . import consts
 from .actions import (
     DATASTAR_CDN_URL,
     DATASTAR_VERSION,
@@ -61,6 +62,7 @@ __all__ = [
     "Stream",
     "StreamClosed",
     "close_all_streams",
+    "consts",
     "datastar_response",
     "datastar_url",
     "dumps_signals",

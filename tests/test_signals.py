@@ -15,7 +15,7 @@ from flask.json.provider import DefaultJSONProvider, JSONProvider
 from flask.testing import FlaskClient
 
 from flask_datastar import is_datastar_request, read_signals
-from tests.helpers import GunicornServer, RawHTTPStream, post
+from tests.helpers import GunicornServer, RawHTTPStream, post, require_module
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ def test_read_signals_with_a_custom_provider_still_refuses_lone_surrogates() -> 
 
 
 def test_read_signals_with_orjson() -> None:
-    orjson = pytest.importorskip("orjson")
+    orjson = require_module("orjson")
 
     class OrjsonProvider(JSONProvider):
         def dumps(self, obj: Any, **kwargs: Any) -> str:

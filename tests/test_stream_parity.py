@@ -15,6 +15,7 @@ from flask.json.provider import DefaultJSONProvider, JSONProvider
 
 from flask_datastar import SSE, FlaskDatastar, Stream, dumps_signals, sse_stream
 from flask_datastar.testing import ServerSentEvent, parse_events
+from tests.helpers import require_module
 
 
 def one_shot(app: Flask, send: Any) -> list[ServerSentEvent]:
@@ -119,7 +120,7 @@ def test_patch_signals_uses_a_custom_provider_as_it_is() -> None:
 
 
 def test_patch_signals_with_orjson() -> None:
-    orjson = pytest.importorskip("orjson")
+    orjson = require_module("orjson")
 
     class OrjsonProvider(JSONProvider):
         def dumps(self, obj: Any, **kwargs: Any) -> str:
