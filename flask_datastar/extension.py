@@ -164,6 +164,8 @@ class FlaskDatastar:
             sse_put=actions.sse_put,
             sse_patch=actions.sse_patch,
             sse_delete=actions.sse_delete,
+            # datastar-py's data-* builder; datastar-py is imported when first used.
+            data=actions.attribute_generator,
         )
 
     @staticmethod
