@@ -11,14 +11,23 @@ The wire format is in :mod:`flask_datastar.sse`, the stream in
 
 from __future__ import annotations
 
+from . import consts
 from .actions import (
+    FETCH_OPTIONS,
     JS,
+    ActionGenerator,
+    AttributeGenerator,
+    action_generator,
+    attribute_generator,
     js_literal,
+    peek,
+    set_all,
     sse_delete,
     sse_get,
     sse_patch,
     sse_post,
     sse_put,
+    toggle_all,
 )
 from .bus import Bus, BusError, LocalBus, RedisBus
 from .client import (
@@ -31,7 +40,7 @@ from .client import (
 from .extension import DatastarConfig, FlaskDatastar, RegistryHandle
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
-from .signals import is_datastar_request, read_signals
+from .signals import dumps_signals, is_datastar_request, read_signals
 from .sse import (
     SSE,
     SSE_HEADERS,
@@ -48,9 +57,12 @@ __all__ = [
     "DATASTAR_CDN_URL",
     "DATASTAR_INTEGRITY",
     "DATASTAR_VERSION",
+    "FETCH_OPTIONS",
     "JS",
     "SSE",
     "SSE_HEADERS",
+    "ActionGenerator",
+    "AttributeGenerator",
     "Bus",
     "BusError",
     "DatastarConfig",
@@ -67,14 +79,19 @@ __all__ = [
     "ServerSentEventGenerator",
     "Stream",
     "StreamClosed",
+    "action_generator",
+    "attribute_generator",
     "close_all_streams",
+    "consts",
     "datastar_response",
     "datastar_script",
     "datastar_url",
+    "dumps_signals",
     "is_datastar_request",
     "js_literal",
     "js_string",
     "open_streams",
+    "peek",
     "read_signals",
     "sse_delete",
     "sse_get",
@@ -82,6 +99,8 @@ __all__ = [
     "sse_post",
     "sse_put",
     "sse_response",
+    "set_all",
     "sse_stream",
+    "toggle_all",
     "with_sse",
 ]

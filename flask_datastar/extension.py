@@ -198,6 +198,8 @@ class FlaskDatastar:
             sse_put=actions.sse_put,
             sse_patch=actions.sse_patch,
             sse_delete=actions.sse_delete,
+            # datastar-py's data-* builder; datastar-py is imported when first used.
+            data=actions.attribute_generator,
         )
         # Now, with each handle's options, before a view could make one without them.
         with self._handles_lock:

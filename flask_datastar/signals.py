@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, has_app_context, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-__all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "is_datastar_request", "read_signals"]
+__all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "dumps_signals", "is_datastar_request", "read_signals"]
 
 #: The default of ``DATASTAR_MAX_SIGNALS_BYTES``.
 DEFAULT_MAX_SIGNALS_BYTES = 1024 * 1024
@@ -50,7 +52,9 @@ def _parse(raw: bytes | str, where: str) -> dict[str, Any]:
     else:
         text = raw
     try:
-        value = json.loads(text)
+        # The app's provider, as request.get_json() would use: a custom one (orjson,
+        # or one that reads numbers as Decimal) reads the signals too.
+        value = current_app.json.loads(text)
     except RecursionError:
         raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
     except ValueError as e:
@@ -79,7 +83,9 @@ def _check_no_lone_surrogate(value: dict[str, Any], where: str) -> None:
     :raises werkzeug.exceptions.BadRequest: a surrogate was found.
     """
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # default=str: a custom JSON provider may have made values (Decimal) that the
+        # stdlib cannot serialise; only keys and strings matter here.
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
     except RecursionError:
         # Called a few frames deeper than json.loads, it can meet the limit first.
         raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
@@ -90,6 +96,36 @@ def _check_no_lone_surrogate(value: dict[str, Any], where: str) -> None:
             " of a UTF-16 pair, which is not text. Send whole characters: both halves of"
             " a pair (such as an emoji cut in two), or neither."
         ) from None
+
+
+def dumps_signals(signals: Mapping[str, Any]) -> str:
+    """Serialise *signals* for a ``datastar-patch-signals`` event with the app's JSON provider.
+
+    Inside an application context this is :attr:`flask.Flask.json`, so values
+    that :func:`flask.jsonify` accepts (``date``, ``Decimal``, ``UUID``,
+    dataclasses) work here too. With Flask's default provider, or a subclass of
+    it, the text is compact and keeps the mapping's key order (the provider's
+    ``sort_keys`` and ``ensure_ascii`` are not applied: the order may matter to
+    the page, and the stream is UTF-8). Any other provider (such as one built
+    on orjson) is used as it is. Without an application context it is the
+    standard library's :func:`json.dumps`, compact and in key order.
+
+    :meth:`Stream.patch_signals <flask_datastar.Stream.patch_signals>` calls it;
+    pass its result to :meth:`SSE.patch_signals
+    <flask_datastar.ServerSentEventGenerator.patch_signals>` to build an event
+    for a broadcast the same way.
+
+    :param signals: the signals, a JSON merge patch.
+    """
+    obj = signals if isinstance(signals, dict) else dict(signals)
+    if not has_app_context():
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    provider = current_app.json
+    if isinstance(provider, DefaultJSONProvider):
+        return provider.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+    text: str | bytes = provider.dumps(obj)
+    # A provider should return str; one returning orjson's bytes as they are is forgiven.
+    return text.decode("utf-8") if isinstance(text, bytes) else text
 
 
 def _json_type(value: object) -> str:

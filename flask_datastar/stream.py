@@ -384,7 +384,17 @@ class Stream:
         only_if_missing: bool | None = None,
         retry_duration: int | None = None,
     ) -> None:
-        """Send a ``datastar-patch-signals`` event; see :meth:`SSE.patch_signals`."""
+        """Send a ``datastar-patch-signals`` event; see :meth:`SSE.patch_signals`.
+
+        A mapping is serialised with the app's JSON provider when the call is
+        made in an application context (as in a handler or a view), so a
+        ``date`` or a custom provider such as orjson works as with
+        :func:`flask.jsonify`; see :func:`~flask_datastar.signals.dumps_signals`.
+        """
+        if isinstance(signals, Mapping):
+            from .signals import dumps_signals  # Flask glue, imported where it is used
+
+            signals = dumps_signals(signals)
         self.send(
             ServerSentEventGenerator.patch_signals(
                 signals,
@@ -409,17 +419,23 @@ class Stream:
             )
         )
 
-    def redirect(self, location: str) -> None:
+    def redirect(
+        self, location: str, event_id: str | None = None, retry_duration: int | None = None
+    ) -> None:
         """Send the browser to *location*; see :meth:`SSE.redirect`."""
-        self.send(ServerSentEventGenerator.redirect(location))
+        self.send(ServerSentEventGenerator.redirect(location, event_id, retry_duration))
 
-    def console_log(self, message: str) -> None:
+    def console_log(
+        self, message: str, event_id: str | None = None, retry_duration: int | None = None
+    ) -> None:
         """Write *message* to the browser's console; see :meth:`SSE.console_log`."""
-        self.send(ServerSentEventGenerator.console_log(message))
+        self.send(ServerSentEventGenerator.console_log(message, event_id, retry_duration))
 
-    def console_error(self, message: str) -> None:
-        """Write *message* to the browser's console as an error."""
-        self.send(ServerSentEventGenerator.console_error(message))
+    def console_error(
+        self, message: str, event_id: str | None = None, retry_duration: int | None = None
+    ) -> None:
+        """Write *message* to the browser's console as an error; see :meth:`SSE.console_error`."""
+        self.send(ServerSentEventGenerator.console_error(message, event_id, retry_duration))
 
     def sleep(self, seconds: float | None = None) -> Sleep:
         """Return a pause for the handler to yield: ``yield gen.sleep(1)``.

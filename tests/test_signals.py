@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import decimal
 import html
 import io
 import json
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider, JSONProvider
 from flask.testing import FlaskClient
 
 from flask_datastar import is_datastar_request, read_signals
-from tests.helpers import GunicornServer, RawHTTPStream, post
+from tests.helpers import GunicornServer, RawHTTPStream, post, require_module
 
 
 @pytest.fixture
@@ -263,3 +266,70 @@ def test_chat_refuses_a_lone_surrogate_and_keeps_working_under_gunicorn() -> Non
         with RawHTTPStream(server.port, "/sse") as later:
             assert later.status == 200
             assert "still here 😀" in (next(later.events(timeout=10)).elements or "")
+
+
+class DecimalProvider(DefaultJSONProvider):
+    """Reads numbers with a fraction as Decimal, as a money app would."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return super().loads(s, parse_float=decimal.Decimal, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_read_signals_uses_the_apps_json_provider(method: str) -> None:
+    app = Flask(__name__)
+    app.json = DecimalProvider(app)
+    seen = []
+
+    @app.route("/r", methods=["GET", "POST"])
+    def view() -> str:
+        seen.append(read_signals())
+        return ""
+
+    body = '{"price": 0.10, "text": "\\ud83d\\ude00"}'
+    client = app.test_client()
+    if method == "GET":
+        rv = client.get("/r?datastar=" + quote(body))
+    else:
+        rv = client.post("/r", data=body, content_type="application/json")
+    assert rv.status_code == 200
+    assert seen == [{"price": decimal.Decimal("0.10"), "text": "😀"}]
+    assert isinstance(seen[0]["price"], decimal.Decimal)
+
+
+def test_read_signals_with_a_custom_provider_still_refuses_lone_surrogates() -> None:
+    app = Flask(__name__)
+    app.json = DecimalProvider(app)
+
+    @app.post("/r")
+    def view() -> str:
+        read_signals()
+        return ""
+
+    rv = app.test_client().post("/r", data='{"p": 1.5, "t": "\\ud800"}')
+    assert rv.status_code == 400
+    assert b"lone surrogate" in rv.data
+
+
+def test_read_signals_with_orjson() -> None:
+    orjson = require_module("orjson")
+
+    class OrjsonProvider(JSONProvider):
+        def dumps(self, obj: Any, **kwargs: Any) -> str:
+            return str(orjson.dumps(obj).decode())
+
+        def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+            return orjson.loads(s)
+
+    app = Flask(__name__)
+    app.json = OrjsonProvider(app)
+
+    @app.post("/r")
+    def view() -> Any:
+        return jsonify(read_signals())
+
+    client = app.test_client()
+    assert client.post("/r", data='{"b": [1, 2.5], "a": null}').json == {"b": [1, 2.5], "a": None}
+    rv = client.post("/r", data='{"b": ')
+    assert rv.status_code == 400
+    assert b"not valid JSON" in rv.data
