@@ -67,9 +67,9 @@ class LiveServerFactory(Protocol):
         threads: int = ...,
         workers: int = ...,
         env: Mapping[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
-        pythonpath: Sequence[str | os.PathLike[str]] = ...,
-        config: str | os.PathLike[str] | None = ...,
+        cwd: str | None = ...,
+        pythonpath: Sequence[str] = ...,
+        config: str | None = ...,
         args: Sequence[str] = ...,
         startup_timeout: float = ...,
     ) -> LiveServer: ...
@@ -125,7 +125,7 @@ def datastar_live_server(
     """
 
     def start(app: str, **kwargs: Any) -> LiveServer:
-        kwargs.setdefault("cwd", request.config.rootpath)
+        kwargs.setdefault("cwd", str(request.config.rootpath))
         kwargs["pythonpath"] = [*kwargs.get("pythonpath", ()), *_importable_folders(request)]
         return datastar_cleanup.live_server(app, **kwargs)
 

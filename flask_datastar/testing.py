@@ -9,7 +9,7 @@
 - :class:`SSEParser`, :func:`parse_events` and :func:`iter_events` parse the
   ``text/event-stream`` format from any source.
 
-The pytest plugin :mod:`flask_datastar.pytest_plugin` (loaded by itself once
+The pytest plugin ``flask_datastar.pytest_plugin`` (loaded by itself once
 flask_datastar is installed) makes fixtures of these::
 
     def test_counter(client, datastar_stream):
@@ -38,15 +38,13 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from flask import Flask, appcontext_pushed
+from flask.testing import FlaskClient
 
 from .registry import SSERegistry
 from .stream import Stream, open_streams
-
-if TYPE_CHECKING:
-    from flask.testing import FlaskClient
 
 __all__ = [
     "Cleanup",
@@ -379,10 +377,16 @@ class StreamReader:
         """How many comment lines (heartbeats) have arrived so far."""
         return self._parser.comments
 
-    @property
-    def thread(self) -> threading.Thread | None:
-        """The thread that reads the response; it has finished once the reader is closed."""
-        return self._thread
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Wait until the response has ended by itself; return whether it has.
+
+        The events it sent may still wait to be taken with :meth:`next_event`.
+
+        :param timeout: Seconds to wait; the reader's default when ``None``.
+        """
+        if self._thread is not None:
+            self._thread.join(self.timeout if timeout is None else timeout)
+        return self.ended
 
     def _start(self, target: Callable[[], None]) -> None:
         def run() -> None:
@@ -907,12 +911,13 @@ class LiveServer:
     :param threads: Threads per worker; each open stream holds one.
     :param workers: Worker processes.
     :param env: Variables set over ``os.environ`` for the server.
-    :param cwd: The server's working directory; the current one when ``None``.
+    :param cwd: The server's working directory; the current one when ``None``. This
+        and the other paths may also be path objects.
     :param pythonpath: Folders put first on the server's ``PYTHONPATH``, after which
         come *cwd* and the inherited ``PYTHONPATH``.
-    :param config: A gunicorn config file of the application's own; its settings and
-        hooks apply (command line options such as the port win). Without it, the hooks
-        of :mod:`flask_datastar.gunicorn` are set.
+    :param config: A gunicorn config file of the application's own, relative to *cwd*;
+        its settings and hooks apply (command line options such as the port win).
+        Without it, the hooks of :mod:`flask_datastar.gunicorn` are set.
     :param args: More gunicorn command line options.
     :param startup_timeout: Seconds to wait for every worker to load the application.
     """
@@ -924,9 +929,9 @@ class LiveServer:
         threads: int = 8,
         workers: int = 1,
         env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        pythonpath: Sequence[str | os.PathLike[str]] = (),
-        config: str | os.PathLike[str] | None = None,
+        cwd: str | None = None,
+        pythonpath: Sequence[str] = (),
+        config: str | None = None,
         args: Sequence[str] = (),
         startup_timeout: float = 30.0,
     ) -> None:

@@ -20,9 +20,12 @@ pytest_plugins = ["pytester"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "testing-your-app"
 
 
+def declared_entry_points() -> list[str]:
+    return [ep.value for ep in entry_points(group="pytest11") if ep.name == "flask_datastar"]
+
+
 def test_the_plugin_is_a_pytest11_entry_point() -> None:
-    found = [ep for ep in entry_points(group="pytest11") if ep.name == "flask_datastar"]
-    assert [ep.value for ep in found] == ["flask_datastar.pytest_plugin"], (
+    assert declared_entry_points() == ["flask_datastar.pytest_plugin"], (
         "The installed flask_datastar declares no pytest11 entry point: its metadata"
         " predates setup.cfg's. Install it again: pip install -e '.[test]'."
     )
@@ -31,7 +34,6 @@ def test_the_plugin_is_a_pytest11_entry_point() -> None:
 @pytest.fixture
 def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """An empty project folder whose pytest runs import this flask_datastar."""
-    test_the_plugin_is_a_pytest11_entry_point()
     package_root = str(Path(flask_datastar.__file__).resolve().parent.parent)
     inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, *inherited])))
@@ -42,7 +44,15 @@ def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def run(project: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return project.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", *args, timeout=120)
+    """Run pytest in *project*, with the plugin as a user gets it: from its entry point.
+
+    An install older than the entry point (test_the_plugin_is_a_pytest11_entry_point
+    fails then) gets the plugin by name, so these tests still check the fixtures.
+    """
+    plugin = [] if declared_entry_points() else ["-p", "flask_datastar.pytest_plugin"]
+    return project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-W", "error", *plugin, *args, timeout=120
+    )
 
 
 @pytest.mark.live
@@ -125,7 +135,7 @@ def test_the_fixtures_closed_everything():
 def test_a_stream_that_failed_unread(datastar_stream):
     app, _ = make_app()
     reader = datastar_stream(app.test_client(), "/fails")
-    reader.thread.join(5)
+    assert reader.wait_ended()
 
 
 def test_cleanup_alone(datastar_cleanup):

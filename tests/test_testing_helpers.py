@@ -452,8 +452,7 @@ def test_a_handler_error_ends_the_stream_and_is_not_lost(reader_app: ReaderApp) 
     reader.close()  # the test saw the error: nothing more to say
 
     unread = open_stream(reader_app.client, "/fails")
-    assert unread.thread is not None
-    unread.thread.join(5)
+    assert unread.wait_ended()
     with pytest.raises(RuntimeError, match="'/fails' failed: LookupError") as failed:
         unread.close()
     assert isinstance(failed.value.__cause__, LookupError)
@@ -479,8 +478,7 @@ def test_cleanup_ends_streams_registries_and_their_threads(reader_app: ReaderApp
             "flask_datastar-broadcaster-readers",
             "flask_datastar-broadcaster-standalone",
         }
-    assert stray.thread is not None
-    stray.thread.join(5)
+    assert stray.wait_ended()
     assert owned.ended and stray.ended
     assert len(reader_app.disconnected) == 2
     assert called == ["callback"]
@@ -490,7 +488,7 @@ def test_cleanup_ends_streams_registries_and_their_threads(reader_app: ReaderApp
 
 def test_cleanup_reports_what_it_could_not_close(reader_app: ReaderApp) -> None:
     cleanup = Cleanup()
-    cleanup.open_stream(reader_app.client, "/fails").thread.join(5)  # type: ignore[union-attr]
+    assert cleanup.open_stream(reader_app.client, "/fails").wait_ended()
     cleanup.add(lambda: 1 / 0)
     with pytest.raises(RuntimeError, match="several ways.*LookupError.*division by zero"):
         cleanup.close()
@@ -511,7 +509,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.mark.live
 def test_live_server_streams_and_stops_its_process_group() -> None:
-    server = LiveServer("counter:create_app()", pythonpath=[EXAMPLE_DIR], threads=4)
+    server = LiveServer("counter:create_app()", pythonpath=[str(EXAMPLE_DIR)], threads=4)
     with server:
         assert server.url == f"http://127.0.0.1:{server.port}"
         assert server.process is not None
