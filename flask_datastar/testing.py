@@ -497,8 +497,7 @@ class StreamReader:
             if thread.is_alive():
                 raise RuntimeError(
                     f"The stream {self.path!r} did not end within {timeout} s of being"
-                    " closed: its handler blocks between two 'yield' statements. Pause"
-                    " with 'yield gen.sleep(seconds)', which a close interrupts."
+                    f" closed: {self._why_stuck()}"
                 )
         self._closed()
         if self._error is not None and not self._error_seen:
@@ -509,6 +508,13 @@ class StreamReader:
 
     def _closed(self) -> None:
         """Release what the reader holds once its thread is done."""
+
+    def _why_stuck(self) -> str:
+        """Say why the stream may not have ended when it was closed, and what to do."""
+        return (
+            "its handler blocks between two 'yield' statements. Pause with"
+            " 'yield gen.sleep(seconds)', which a close interrupts."
+        )
 
     def __enter__(self) -> StreamReader:
         return self
@@ -579,6 +585,14 @@ class _ClientStreamReader(StreamReader):
                     break  # not a flask_datastar stream: it cannot be told to end sooner
         finally:
             response.close()
+
+    def _why_stuck(self) -> str:
+        if self.stream is None:
+            return (
+                "it is not a flask_datastar stream, which a reader can only leave after"
+                " its next piece. Have the response end, or send more."
+            )
+        return super()._why_stuck()
 
     def _stop(self) -> None:
         if self.stream is not None:

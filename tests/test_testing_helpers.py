@@ -13,10 +13,10 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
-from flask import Flask, request
+from flask import Flask, Response, request
 from flask.testing import FlaskClient
 
-from flask_datastar import SSE, FlaskDatastar, SSERegistry, Stream, open_streams
+from flask_datastar import SSE, FlaskDatastar, SSERegistry, Stream, open_streams, sse_stream
 from flask_datastar.testing import (
     Cleanup,
     LiveServer,
@@ -456,6 +456,37 @@ def test_a_handler_error_ends_the_stream_and_is_not_lost(reader_app: ReaderApp) 
     with pytest.raises(RuntimeError, match="'/fails' failed: LookupError") as failed:
         unread.close()
     assert isinstance(failed.value.__cause__, LookupError)
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [("/blocks", "blocks between two 'yield'"), ("/plain", "not a flask_datastar stream")],
+)
+def test_close_says_why_a_stream_did_not_end(reader_app: ReaderApp, path: str, why: str) -> None:
+    release = threading.Event()
+
+    @reader_app.app.get("/blocks")
+    @sse_stream
+    def blocks(gen: Stream) -> Iterator[object]:
+        gen.patch_signals({"a": 1})
+        yield gen.sleep(0)
+        release.wait(10)  # not gen.sleep: a close cannot interrupt it
+
+    @reader_app.app.get("/plain")
+    def plain() -> Response:
+        def body() -> Iterator[str]:
+            yield "data: a\n\n"
+            release.wait(10)
+
+        return Response(body(), mimetype="text/event-stream")
+
+    reader = open_stream(reader_app.client, path)
+    reader.next_event()
+    with pytest.raises(RuntimeError, match=f"did not end within 0.1 s of being closed: .*{why}"):
+        reader.close(timeout=0.1)
+    release.set()
+    reader.close()
+    assert reader.ended
 
 
 # --- Cleanup ------------------------------------------------------------------------------
