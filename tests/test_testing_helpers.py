@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,20 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
-from flask import Flask
+from flask import Flask, Response, request
+from flask.testing import FlaskClient
 
-from flask_datastar.testing import ServerSentEvent, SSEParser, iter_events, parse_events
+from flask_datastar import SSE, FlaskDatastar, SSERegistry, Stream, open_streams, sse_stream
+from flask_datastar.testing import (
+    Cleanup,
+    LiveServer,
+    ServerSentEvent,
+    SSEParser,
+    StreamEnded,
+    iter_events,
+    open_stream,
+    parse_events,
+)
 from tests.helpers import (
     ConnectionClosed,
     GunicornServer,
@@ -298,6 +310,282 @@ def test_iter_events_with_flask_test_client_closes_the_generator() -> None:
     assert [event.id for event in events] == ["0", "1", "2"]
     assert events[2].datalines("n") == ["2"]
     assert finished.is_set()
+
+
+# --- open_stream: readers with real timeouts ---------------------------------------------
+
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "testing-your-app"
+
+
+@dataclass
+class ReaderApp:
+    """An app with a registry, for the readers: ``/sse`` streams, ``/say`` broadcasts."""
+
+    app: Flask
+    registry: SSERegistry
+    disconnected: list[Stream]
+
+    @property
+    def client(self) -> FlaskClient:
+        return self.app.test_client()
+
+
+@pytest.fixture
+def reader_app() -> Iterator[ReaderApp]:
+    app = Flask(__name__)
+    # No heartbeats: a wait in the stream's own loop would never end.
+    app.config.update(TESTING=True, DATASTAR_HEARTBEAT=0)
+    datastar = FlaskDatastar(app)
+    registry = datastar.registry(app, "readers")
+    disconnected: list[Stream] = []
+
+    @app.get("/sse")
+    @datastar.sse(on_connect=registry.register, on_disconnect=disconnected.append)
+    def sse(gen: Stream) -> Iterator[object]:
+        gen.patch_elements(f'<p id="hello">{request.args.get("name", "")}</p>')
+        yield gen.sleep()
+
+    @app.post("/say")
+    def say() -> tuple[str, int]:
+        registry.broadcast(SSE.patch_signals({"said": request.args["what"]}))
+        return "", 204
+
+    @app.get("/fails")
+    @datastar.sse
+    def fails(gen: Stream) -> Iterator[object]:
+        gen.patch_elements('<p id="a">a</p>')
+        yield gen.sleep(0)
+        raise LookupError("the handler failed")
+
+    @app.get("/broken")
+    def broken() -> str:
+        raise KeyError("the view failed")
+
+    @app.get("/short")
+    @datastar.sse
+    def short(gen: Stream) -> None:
+        gen.patch_signals({"one": 1})
+
+    yield ReaderApp(app, registry, disconnected)
+    registry.close()
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("flask_datastar-test-reader")]
+
+
+def test_next_event_has_a_real_timeout_without_heartbeats(reader_app: ReaderApp) -> None:
+    client = reader_app.client
+    with open_stream(client, "/sse?name=ada") as reader:
+        assert reader.status_code == 200
+        assert reader.headers["content-type"].startswith("text/event-stream")
+        assert reader.next_event().elements == '<p id="hello">ada</p>'
+        with pytest.raises(TimeoutError, match="No event arrived on '/sse\\?name=ada'"):
+            reader.next_event(timeout=0.1)
+        client.post("/say?what=hi")
+        assert reader.next_event().signals == {"said": "hi"}
+        assert reader.comments == 1  # the first chunk, which carries the headers
+        assert [event.event for event in reader.received] == [
+            "datastar-patch-elements",
+            "datastar-patch-signals",
+        ]
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2)], ids=str)
+def test_streams_close_in_any_order(reader_app: ReaderApp, order: tuple[int, ...]) -> None:
+    client = reader_app.client
+    readers = [open_stream(client, f"/sse?name={i}") for i in range(3)]
+    assert len(reader_app.registry) == 3
+    for reader in readers:
+        assert isinstance(reader.stream, Stream)
+        assert reader.stream.environ["QUERY_STRING"] == f"name={readers.index(reader)}"
+        reader.next_event()
+    for count, index in enumerate(order, 1):
+        readers[index].close()
+        # The stream has ended and its hooks have run when close() returns.
+        assert len(reader_app.disconnected) == count
+        assert reader_app.disconnected[-1] is readers[index].stream
+        assert readers[index].ended
+    assert len(reader_app.registry) == 0
+    assert not reader_threads()
+    assert not [s for s in open_streams() if s in [r.stream for r in readers]]
+    readers[0].close()  # again: nothing happens
+
+
+def test_events_wait_for_and_iteration(reader_app: ReaderApp) -> None:
+    client = reader_app.client
+    reader = open_stream(client, "/sse", signals={"ignored": True}, timeout=2)
+    try:
+        for word in ("a", "b", "c"):
+            client.post(f"/say?what={word}")
+        first, second = reader.events(2)
+        assert (first.elements, second.signals) == ('<p id="hello"></p>', {"said": "a"})
+        assert reader.wait_for(lambda e: e.signals == {"said": "c"}).signals == {"said": "c"}
+        with pytest.raises(TimeoutError):
+            reader.events(1, timeout=0.1)
+    finally:
+        reader.close()
+    assert list(reader) == []  # ended: iteration stops at once
+
+
+def test_a_stream_that_ends_by_itself(reader_app: ReaderApp) -> None:
+    reader = open_stream(reader_app.client, "/short")
+    assert reader.stream is None or reader.stream.closed
+    assert [event.signals for event in reader] == [{"one": 1}]
+    with pytest.raises(StreamEnded, match="has ended after 1 event"):
+        reader.next_event()
+    reader.close()
+
+
+def test_a_view_error_is_raised_by_open_stream(reader_app: ReaderApp) -> None:
+    with pytest.raises(KeyError, match="the view failed"):
+        open_stream(reader_app.client, "/broken")
+    assert not reader_threads()
+
+
+def test_a_handler_error_ends_the_stream_and_is_not_lost(reader_app: ReaderApp) -> None:
+    reader = open_stream(reader_app.client, "/fails")
+    assert reader.next_event().elements == '<p id="a">a</p>'
+    with pytest.raises(StreamEnded, match="with an error") as ended:
+        reader.next_event()
+    assert isinstance(ended.value.__cause__, LookupError)
+    reader.close()  # the test saw the error: nothing more to say
+
+    unread = open_stream(reader_app.client, "/fails")
+    assert unread.wait_ended()
+    with pytest.raises(RuntimeError, match="'/fails' failed: LookupError") as failed:
+        unread.close()
+    assert isinstance(failed.value.__cause__, LookupError)
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [("/blocks", "blocks between two 'yield'"), ("/plain", "not a flask_datastar stream")],
+)
+def test_close_says_why_a_stream_did_not_end(reader_app: ReaderApp, path: str, why: str) -> None:
+    release = threading.Event()
+
+    @reader_app.app.get("/blocks")
+    @sse_stream
+    def blocks(gen: Stream) -> Iterator[object]:
+        gen.patch_signals({"a": 1})
+        yield gen.sleep(0)
+        release.wait(10)  # not gen.sleep: a close cannot interrupt it
+
+    @reader_app.app.get("/plain")
+    def plain() -> Response:
+        def body() -> Iterator[str]:
+            yield "data: a\n\n"
+            release.wait(10)
+
+        return Response(body(), mimetype="text/event-stream")
+
+    reader = open_stream(reader_app.client, path)
+    reader.next_event()
+    with pytest.raises(RuntimeError, match=f"did not end within 0.1 s of being closed: .*{why}"):
+        reader.close(timeout=0.1)
+    release.set()
+    reader.close()
+    assert reader.ended
+
+
+# --- Cleanup ------------------------------------------------------------------------------
+
+
+def test_cleanup_ends_streams_registries_and_their_threads(reader_app: ReaderApp) -> None:
+    client = reader_app.client
+    before = set(threading.enumerate())
+    called: list[str] = []
+    standalone = SSERegistry("standalone", linger=60)
+    with Cleanup() as cleanup:
+        owned = cleanup.open_stream(client, "/sse")
+        stray = open_stream(client, "/sse")  # not the clean-up's: ended all the same
+        client.post("/say?what=x")  # the app's registry starts its broadcaster
+        standalone.broadcast(SSE.patch_signals({"a": 1}))
+        cleanup.add(standalone)
+        cleanup.add(lambda: called.append("callback"))
+        assert owned.next_event() and owned.next_event().signals == {"said": "x"}
+        assert {t.name for t in set(threading.enumerate()) - before} >= {
+            "flask_datastar-broadcaster-readers",
+            "flask_datastar-broadcaster-standalone",
+        }
+    assert stray.wait_ended()
+    assert owned.ended and stray.ended
+    assert len(reader_app.disconnected) == 2
+    assert called == ["callback"]
+    assert set(threading.enumerate()) <= before, "a thread outlived the clean-up"
+    cleanup.close()  # again: nothing happens
+
+
+def test_cleanup_reports_what_it_could_not_close(reader_app: ReaderApp) -> None:
+    cleanup = Cleanup()
+    assert cleanup.open_stream(reader_app.client, "/fails").wait_ended()
+    cleanup.add(lambda: 1 / 0)
+    with pytest.raises(RuntimeError, match="several ways.*LookupError.*division by zero"):
+        cleanup.close()
+    with pytest.raises(TypeError, match="an app, a registry, a reader or a function"):
+        cleanup.add(42)  # type: ignore[arg-type]
+
+
+# --- LiveServer -------------------------------------------------------------------------
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.live
+def test_live_server_streams_and_stops_its_process_group() -> None:
+    server = LiveServer("counter:create_app()", pythonpath=[str(EXAMPLE_DIR)], threads=4)
+    with server:
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert server.process is not None
+        pgid = server.process.pid
+        with server.stream("/sse") as first:
+            left_open = server.stream("/sse", signals={"x": 1})
+            assert first.next_event().elements == '<p id="count">0</p>'
+            assert left_open.next_event().elements == '<p id="count">0</p>'
+            with pytest.raises(TimeoutError):
+                first.next_event(timeout=0.1)
+            assert server.post("/click").status == 204
+            assert first.next_event().elements == '<p id="count">1</p>'
+        assert first.ended
+        missing = server.request("GET", "/nowhere")
+        assert (missing.status, missing.headers["content-type"]) == (
+            404,
+            "text/html; charset=utf-8",
+        )
+        assert "Not Found" in missing.text
+    # Stopping closed the stream left open and ended every process of the group.
+    assert left_open.ended
+    assert left_open.next_event().elements == '<p id="count">1</p>'
+    assert server.process.returncode is not None
+    assert not group_alive(pgid)
+    assert _refuses(server.port)
+    assert "Booting worker" in server.log_text()
+    assert not reader_threads()
+    server.stop()  # again: nothing happens
+
+
+@pytest.mark.live
+def test_live_server_startup_failure_quotes_the_output() -> None:
+    server = LiveServer("no_such_module_here:app", startup_timeout=20)
+    with pytest.raises(RuntimeError, match="(?s)exited with status.*no_such_module_here"):
+        server.start()
+    assert server.process is not None and server.process.returncode is not None
+    assert not group_alive(server.process.pid)
+
+
+def test_live_server_without_gunicorn_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "gunicorn", None)
+    with pytest.raises(RuntimeError, match=r"pip install 'flask_datastar\[gunicorn\]'"):
+        LiveServer("counter:app").start()
 
 
 # --- a scripted raw socket server ------------------------------------------------------
