@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Bus", "BusError", "LocalBus", "RedisBus"]
 
-log = logging.getLogger("flask_datastar")
+log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes], None]
 OnGap = Callable[[], None]

@@ -18,12 +18,15 @@ with a random retry delay so they do not all come back at once::
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from .stream import close_all_streams, drain_streams, set_process_stream_limit
 
-__all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "worker_exit"]
+__all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "stream_limit", "worker_exit"]
+
+log = logging.getLogger(__name__)
 
 #: The longest random retry delay (seconds) given to clients of a stopping worker.
 DRAIN_SPREAD = 5.0
@@ -34,10 +37,41 @@ def reserved_threads(threads: int) -> int:
     return min(threads - 1, max(2, threads // 10)) if threads > 1 else 0
 
 
+def stream_limit(worker_class: str, threads: int, connections: int) -> int | None:
+    """Return how many streams a worker of *worker_class* may hold, or ``None`` for no cap.
+
+    - gthread (``ThreadWorker``): ``--threads`` less :func:`reserved_threads`,
+      since every stream holds a thread;
+    - gevent, eventlet and other workers with ``--worker-connections``
+      (greenlets, not threads): that many connections less a tenth (at least
+      two) for other requests;
+    - the sync worker serves one request at a time: a stream would hold the
+      whole worker, so none is allowed (every stream gets a 503).
+
+    :param worker_class: the class name of the gunicorn worker.
+    :param threads: its ``--threads``.
+    :param connections: its ``--worker-connections``.
+    """
+    if worker_class == "ThreadWorker":
+        return max(1, threads - reserved_threads(threads))
+    if worker_class == "SyncWorker":
+        return 0
+    return max(1, connections - max(2, connections // 10)) if connections > 1 else 1
+
+
 def post_worker_init(worker: Any) -> None:
     """Cap the worker's streams, and end them all as soon as the worker starts to stop."""
+    worker_class = type(worker).__name__
     threads = int(getattr(worker.cfg, "threads", 1) or 1)
-    set_process_stream_limit(max(1, threads - reserved_threads(threads)))
+    connections = int(getattr(worker.cfg, "worker_connections", 1000) or 1000)
+    limit = stream_limit(worker_class, threads, connections)
+    if limit == 0:
+        log.warning(
+            "flask_datastar: gunicorn's sync worker serves one request at a time, and a"
+            " stream would hold it for good: every stream gets a 503. Run gunicorn with"
+            " '-k gthread --threads 100' (or more)."
+        )
+    set_process_stream_limit(limit)
 
     def watch() -> None:
         while worker.alive:

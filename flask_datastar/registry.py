@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SSERegistry"]
 
-log = logging.getLogger("flask_datastar")
+log = logging.getLogger(__name__)
 
 #: Without ``on_resync``, streams ended after a bus outage get a random retry delay
 #: of up to this many seconds more, so the tabs do not all reconnect at once.

@@ -115,6 +115,11 @@ class DatastarResponse(Response):
         environ = request.environ if has_request_context() else {}
         stream = Stream(environ, config, on_connect=on_connect, on_disconnect=on_disconnect)
         if not stream._admit(max_streams):
+            if max_streams == 0:
+                raise ServiceUnavailable(
+                    "This server process takes no streams: gunicorn's sync worker serves one"
+                    " request at a time. Run gunicorn with '-k gthread'."
+                )
             raise ServiceUnavailable(
                 f"This server process already holds {max_streams} streams, its limit"
                 " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"

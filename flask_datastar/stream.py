@@ -69,7 +69,7 @@ __all__ = [
     "with_sse",
 ]
 
-log = logging.getLogger("flask_datastar")
+log = logging.getLogger(__name__)
 
 _HEARTBEAT = Chunk(comment())
 

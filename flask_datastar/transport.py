@@ -43,7 +43,7 @@ __all__ = [
     "wait_writable",
 ]
 
-log = logging.getLogger("flask_datastar")
+log = logging.getLogger(__name__)
 
 #: Whether this platform has what the direct path needs: epoll (with ``EPOLLRDHUP``, to
 #: see a client's FIN), non-blocking gathered sends and ``MSG_NOSIGNAL``. Linux has them;

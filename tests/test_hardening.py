@@ -463,3 +463,37 @@ def test_a_clean_end_gives_the_kept_alive_connection_its_default_user_timeout() 
             assert len(list(stream.events(timeout=10))) == 4  # a clean end
             stream.request("GET", "/user-timeout")
             assert json.loads(stream.read_body(timeout=10)) == {"ms": 0}
+
+
+# -- the stream cap by worker class (issue 12, item 8) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "threads", "connections", "limit"),
+    [
+        ("ThreadWorker", 100, 1000, 90),
+        ("ThreadWorker", 4, 1000, 2),
+        ("GeventWorker", 1, 1000, 900),  # was 1: the cap came from --threads alone
+        ("EventletWorker", 1, 50, 45),
+        ("SyncWorker", 1, 1000, 0),
+    ],
+)
+def test_the_stream_cap_follows_the_worker_class(
+    worker_class: str, threads: int, connections: int, limit: int
+) -> None:
+    from flask_datastar.gunicorn import stream_limit
+
+    assert stream_limit(worker_class, threads, connections) == limit
+
+
+@pytest.mark.live
+def test_the_sync_worker_refuses_streams_with_a_message_that_says_what_to_run() -> None:
+    """A stream would hold a sync worker, which serves one request at a time, for good."""
+    with GunicornServer(
+        APP, threads=1, config="gunicorn.conf.py", extra_args=["-k", "sync"]
+    ) as server:
+        with RawHTTPStream(server.port, "/sse") as stream:
+            assert stream.status == 503
+            assert b"-k gthread" in stream.read_body(timeout=10)
+        assert get_json(server, "/stats")["open"] == 0  # the worker still answers
+        assert "gunicorn's sync worker serves one request at a time" in server.log_text()
