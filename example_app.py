@@ -154,7 +154,7 @@ def index() -> str:
 
 
 @app.get("/sse")
-@datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
+@datastar.sse(on_connect=clients.register)
 def sse(gen: Stream) -> Iterator[object]:
     while True:
         latest = read_clicks()  # before taking the lock: it may wait for Redis

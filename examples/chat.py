@@ -80,7 +80,7 @@ def index() -> str:
 
 
 @app.get("/sse")
-@datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
+@datastar.sse(on_connect=clients.register)
 def sse(gen: Stream) -> Iterator[object]:
     with state_lock:
         gen.patch_elements(render_messages())

@@ -99,7 +99,7 @@ def index() -> str:
 
 
 @app.get("/sse")
-@datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
+@datastar.sse(on_connect=clients.register)
 def sse(gen: Stream) -> Iterator[object]:
     # The full state on every (re)connect; after that, only broadcasts arrive.
     with state_lock:

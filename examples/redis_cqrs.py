@@ -90,7 +90,7 @@ def index() -> str:
 
 
 @app.get("/sse")
-@datastar.sse(on_connect=clients.register, on_disconnect=clients.unregister)
+@datastar.sse(on_connect=clients.register)
 def sse(gen: Stream) -> Iterator[object]:
     gen.patch_elements(f'<strong id="worker">{os.getpid()}</strong>')
     tick = float(app.config["TICK_SECONDS"])

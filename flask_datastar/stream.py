@@ -650,7 +650,15 @@ class Stream:
             self._on_disconnect.append(on_disconnect)
         if on_connect is not None:
             self._on_connect.append(on_connect)
+            before = _session_modified()
             on_connect(self)
+            if _session_modified() and not before:
+                raise RuntimeError(
+                    "The 'on_connect' hook of 'with_sse' changed the session, but this"
+                    " stream's response headers have already left: the session cookie"
+                    " cannot change any more. Pass the hook to '@datastar.sse(on_connect=...)',"
+                    " where it runs in the view, or change the session in a short request."
+                )
 
     def _disconnect(self) -> None:
         with self._lock:
@@ -958,6 +966,13 @@ class Stream:
             self._disconnect()
 
 
+def _session_modified() -> bool:
+    """Whether the current request's session has changed (``False`` without a request)."""
+    from flask import has_request_context, session
+
+    return has_request_context() and bool(getattr(session, "modified", False))
+
+
 #: Why an ``async def`` handler cannot drive a stream, and what to write instead.
 ASYNC_HANDLER = (
     "flask_datastar streams run on the WSGI server's threads and cannot drive 'async def'"
@@ -999,9 +1014,13 @@ def with_sse(
     """Give the current stream's handler its ``gen``, with lifecycle hooks.
 
     As datastar-cl's ``with-sse``: ``on_connect(gen)`` runs on entering, before
-    the handler sends anything; ``on_disconnect(gen)`` runs exactly once when
-    the stream ends for any reason (the client left, the handler returned or
-    raised, the server shut down)::
+    the handler sends anything; leaving the block ends the stream (cleanly, or
+    abruptly when an exception leaves it); ``on_disconnect(gen)`` runs exactly
+    once when the stream ends for any reason (the block was left, the client
+    left, the server shut down). ``on_connect`` runs after the response's
+    headers have left: a change to the session there raises
+    :class:`RuntimeError` (pass the hook to ``@datastar.sse`` instead, where it
+    runs in the view)::
 
         @app.get("/sse")
         @datastar_response
@@ -1016,4 +1035,9 @@ def with_sse(
     """
     gen = current_stream()
     gen._add_hooks(on_connect, on_disconnect)
-    yield gen
+    try:
+        yield gen
+    finally:
+        # As datastar-cl's with-sse, the block is the stream's life: leaving it ends
+        # the stream. (An exception on its way out makes that end abrupt.)
+        gen.close()

@@ -456,3 +456,51 @@ def test_datastar_response_without_content_is_a_204(app: Flask) -> None:
 
     response = app.test_client().get("/s")
     assert response.status_code == 204 and response.data == b""
+
+
+def test_leaving_the_with_sse_block_ends_the_stream(app: Flask) -> None:
+    """As datastar-cl's with-sse: the block is the stream's life."""
+    log: list[str] = []
+
+    @app.get("/s")
+    @datastar_response
+    def view() -> Iterator[Any]:
+        with with_sse(on_disconnect=lambda g: log.append(f"d:{g.close_reason}")) as gen:
+            gen.patch_signals({"n": 1})
+            yield gen.sleep(0)
+        log.append("after the block")
+        yield SSE.patch_signals({"n": 2})  # the stream has ended: never sent
+
+    reader = open_stream(app)
+    events: list[ServerSentEvent] = []
+    for _ in range(20):  # before, it stayed open: a heartbeat every 0.2 s, for ever
+        try:
+            events.extend(reader.parser.feed(reader.chunk()))
+        except StopIteration:
+            break
+    else:
+        pytest.fail("the stream outlived its with_sse block")
+    assert [e.signals for e in events] == [{"n": 1}]
+    assert log == ["after the block", "d:closed by the server"]
+
+
+def test_a_session_change_in_with_sse_on_connect_is_an_error(app: Flask) -> None:
+    """The headers have left when the with statement runs: the cookie cannot change."""
+    from flask import session
+
+    app.secret_key = "test"
+    ended: list[str] = []
+
+    @app.get("/s")
+    @datastar_response
+    def view() -> Iterator[Any]:
+        with with_sse(
+            on_connect=lambda g: session.update(seen=True),
+            on_disconnect=lambda g: ended.append(g.close_reason),
+        ) as gen:
+            yield gen.sleep()
+
+    reader = open_stream(app)
+    with pytest.raises(RuntimeError, match="session cookie cannot change"):
+        reader.rest()
+    assert ended == ["the handler raised RuntimeError"]
