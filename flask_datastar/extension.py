@@ -198,6 +198,9 @@ class FlaskDatastar:
             sse_put=actions.sse_put,
             sse_patch=actions.sse_patch,
             sse_delete=actions.sse_delete,
+            peek=actions.peek,
+            set_all=actions.set_all,
+            toggle_all=actions.toggle_all,
             # datastar-py's data-* builder; datastar-py is imported when first used.
             data=actions.attribute_generator,
         )

@@ -6,7 +6,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Concatenate, ParamSpec, Protocol, overload
+from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 
 from flask import Response, current_app, has_request_context, request, stream_with_context
 from werkzeug.exceptions import ServiceUnavailable
@@ -64,6 +64,9 @@ class DatastarResponse(Response):
     """
 
     default_mimetype = "text/event-stream"
+    #: The headers every instance starts from (datastar-py's name); a subclass may
+    #: change them, and ``headers=`` adds to them.
+    default_headers: ClassVar[dict[str, str]] = dict(SSE_HEADERS)
 
     def __init__(
         self,
@@ -77,7 +80,7 @@ class DatastarResponse(Response):
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
-        all_headers = dict(SSE_HEADERS)
+        all_headers = dict(self.default_headers)
         if headers:
             all_headers.update(headers)
         if inspect.iscoroutine(content) or inspect.isasyncgen(content):

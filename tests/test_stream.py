@@ -504,3 +504,25 @@ def test_a_session_change_in_with_sse_on_connect_is_an_error(app: Flask) -> None
     with pytest.raises(RuntimeError, match="session cookie cannot change"):
         reader.rest()
     assert ended == ["the handler raised RuntimeError"]
+
+
+def test_datastar_response_has_datastar_pys_default_headers(app: Flask) -> None:
+    class Custom(DatastarResponse):
+        default_headers = {**DatastarResponse.default_headers, "X-Frame-Options": "DENY"}
+
+    assert DatastarResponse.default_headers["Cache-Control"] == "no-cache"
+    with app.test_request_context():
+        response = Custom(SSE.patch_signals({"a": 1}), headers={"X-Extra": "1"})
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Extra"] == "1"
+    assert response.headers["X-Accel-Buffering"] == "no"
+
+
+def test_the_non_request_actions_are_jinja_globals(app: Flask) -> None:
+    from flask import render_template_string
+
+    with app.test_request_context():
+        html = render_template_string(
+            "{{ set_all('true', include='^todo') }}|{{ toggle_all() }}|{{ peek('$count') }}"
+        )
+    assert html.count("@") == 3 and "@setAll(" in html and "@toggleAll(" in html
