@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, cast, overload
 
@@ -12,7 +12,7 @@ from flask import Flask, current_app, has_app_context
 
 from . import actions, client
 from .registry import LINGER, SSERegistry
-from .response import DatastarResponse, StreamDecorator, StreamView, sse_stream
+from .response import Authorize, DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
 from .stream import Hook, Stream, StreamConfig
 
@@ -22,6 +22,19 @@ if TYPE_CHECKING:
 __all__ = ["DatastarConfig", "FlaskDatastar", "RegistryHandle"]
 
 P = ParamSpec("P")
+
+#: The registry in which every stream that has an identity is filed, so that
+#: :meth:`FlaskDatastar.revoke` reaches it in every process.
+IDENTITY_REGISTRY = "flask_datastar.identities"
+
+#: Who opens a stream: called in the view, returns a user id or ``None``.
+IdentityLoader = Callable[[], Any]
+#: Whether an identity may open a stream (topic ``None``) or join a topic.
+Authorizer = Callable[[Any, "str | None"], object]
+
+
+def _no_resync(gen: Stream) -> None:
+    """The identity registry sends nothing: the application's registries resync."""
 
 
 #: Every configuration key with its default.
@@ -143,6 +156,10 @@ class FlaskDatastar:
         without the prefix.
     """
 
+    # Set by the decorators below; class-level defaults, one per instance once set.
+    _identity_function: IdentityLoader | None = None
+    _authorizer: Authorizer | None = None
+
     def __init__(self, app: Flask | None = None, **options: Any) -> None:
         unknown = [name for name in options if f"DATASTAR_{name.upper()}" not in DEFAULTS]
         if unknown:
@@ -228,6 +245,101 @@ class FlaskDatastar:
         """
         return self._state(app).config
 
+    # -- who listens -------------------------------------------------------------------
+
+    def identity_loader(self, fn: IdentityLoader) -> IdentityLoader:
+        """Declare how to tell who opens a stream: ``@datastar.identity_loader``.
+
+        *fn* is called with no argument once per stream, in the view that
+        opens it (the request, the session and Flask-Login's ``current_user``
+        are those of that request), and returns a user id, or ``None`` for an
+        anonymous client::
+
+            @datastar.identity_loader
+            def identity():
+                return current_user.get_id() if current_user.is_authenticated else None
+
+        The result is the stream's :attr:`~flask_datastar.Stream.identity` for
+        its whole life (it is never read again from a later request);
+        :meth:`SSERegistry.send_to_identity
+        <flask_datastar.SSERegistry.send_to_identity>` reaches the streams of
+        one identity and :meth:`revoke` ends them, in every process. Return
+        something hashable, and a string or a number with a bus.
+
+        :param fn: the loader.
+        :return: *fn*, unchanged.
+        """
+        self._identity_function = fn
+        return fn
+
+    def authorizer(self, fn: Authorizer) -> Authorizer:
+        """Declare who may listen: ``@datastar.authorizer``, for every stream and topic of the app.
+
+        *fn* is called as ``fn(identity, None)`` in the view of every stream,
+        before ``on_connect`` and before any byte is sent, and as
+        ``fn(identity, topic)`` whenever a stream joins a topic of one of the
+        extension's registries (``register(gen, topics=...)``,
+        ``join(gen, topic)``). A false answer refuses: a 401 when the identity
+        is ``None``, a 403 otherwise, with no event. *fn* may also
+        ``abort()`` with a status of its own. ``flask.request`` is the
+        stream's request in both cases.
+
+        :param fn: the check.
+        :return: *fn*, unchanged.
+        """
+        self._authorizer = fn
+        return fn
+
+    def _load_identity(self) -> Any:
+        loader = self._identity_function
+        if loader is None:
+            return None
+        identity = loader()
+        try:
+            hash(identity)
+        except TypeError:
+            raise TypeError(
+                f"The identity loader returned {type(identity).__name__}, which is not"
+                " hashable: return a user id (a string or a number), or None."
+            ) from None
+        return identity
+
+    def _authorize_topic(self, identity: Any, topic: str) -> object:
+        # Read at each call: the authorizer may be declared after the registry exists.
+        authorizer = self._authorizer
+        return True if authorizer is None else authorizer(identity, topic)
+
+    def _identity_registry(self, app: Flask) -> SSERegistry:
+        return self.registry(app, IDENTITY_REGISTRY, on_resync=_no_resync)
+
+    def revoke(
+        self,
+        app: Flask,
+        identity: Any,
+        *,
+        event: str | bytes | None = None,
+        reconnect: bool = True,
+    ) -> None:
+        """End every stream of *identity* of *app*, in every process, whatever its registries.
+
+        For a logout or a lost account: change the state first (clear the
+        session, withdraw the permission), then call this. See
+        :meth:`SSERegistry.revoke <flask_datastar.SSERegistry.revoke>` for
+        *event* and *reconnect*; to end the streams of a topic, call
+        ``registry.revoke(topic=...)`` on the registry they joined it in.
+
+        :param app: an app this extension was registered on, or
+            :data:`flask.current_app`.
+        :param identity: the identity, as the identity loader returned it.
+        :param event: an event to send to those streams before they end.
+        :param reconnect: end them abruptly (the tabs reconnect and are
+            checked again; a refusal stops them) or cleanly.
+        :raises flask_datastar.BusError: the bus did not take the message.
+        """
+        if identity is None:
+            raise ValueError("'revoke' needs an identity; anonymous streams have none.")
+        self._identity_registry(app).revoke(identity=identity, event=event, reconnect=reconnect)
+
     def registry(
         self,
         app: Flask,
@@ -279,7 +391,13 @@ class FlaskDatastar:
                         with bound.app_context():
                             return hook(gen)
 
-                registry = SSERegistry(name, bus=state.bus, on_resync=resync, linger=linger)
+                registry = SSERegistry(
+                    name,
+                    bus=state.bus,
+                    on_resync=resync,
+                    linger=linger,
+                    authorize=self._authorize_topic,
+                )
                 state.registries[name] = registry
         return registry
 
@@ -328,7 +446,11 @@ class FlaskDatastar:
     def sse(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]: ...
     @overload
     def sse(
-        self, *, on_connect: Hook | None = None, on_disconnect: Hook | None = None
+        self,
+        *,
+        on_connect: Hook | None = None,
+        on_disconnect: Hook | None = None,
+        authorize: Authorize | None = None,
     ) -> StreamDecorator: ...
     def sse(
         self,
@@ -336,12 +458,18 @@ class FlaskDatastar:
         *,
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
+        authorize: Authorize | None = None,
     ) -> Any:
         """Decorate a view as a stream handler: ``@datastar.sse(on_connect=...)``.
 
-        The same as :func:`~flask_datastar.sse_stream`.
+        The same as :func:`~flask_datastar.sse_stream`. *authorize*, called as
+        ``authorize(identity)`` after the app's :meth:`authorizer`, decides
+        whether this client may open this stream: a false answer is a 401 (no
+        identity) or a 403, with no event, and ``on_connect`` does not run.
         """
-        decorate = sse_stream(on_connect=on_connect, on_disconnect=on_disconnect)
+        decorate = sse_stream(
+            on_connect=on_connect, on_disconnect=on_disconnect, authorize=authorize
+        )
         return decorate(view) if view is not None else decorate
 
 
@@ -461,15 +589,32 @@ class RegistryHandle:
 
     # -- the registry's methods, on the current app's registry ---------------------------
 
-    def register(self, gen: Stream, key: Any = None) -> Stream:
+    def register(self, gen: Stream, key: Any = None, *, topics: Iterable[str] = ()) -> Stream:
         """Register *gen* in the current app's registry: :meth:`SSERegistry.register`.
 
         Works as a hook: ``@datastar.sse(on_connect=clients.register)``.
 
         :param gen: the stream.
         :param key: the key that :meth:`send_to` reaches.
+        :param topics: topics it joins, checked by the app's authorizer.
         """
-        return self.get().register(gen, key)
+        return self.get().register(gen, key, topics=topics)
+
+    def join(self, gen: Stream, *topics: str) -> Stream:
+        """Add *gen* to *topics*: :meth:`SSERegistry.join`.
+
+        :param gen: the stream.
+        :param topics: topic names, checked by the app's authorizer.
+        """
+        return self.get().join(gen, *topics)
+
+    def leave(self, gen: Stream, *topics: str) -> None:
+        """Take *gen* out of *topics*: :meth:`SSERegistry.leave`.
+
+        :param gen: the stream.
+        :param topics: topic names.
+        """
+        self.get().leave(gen, *topics)
 
     def unregister(self, gen: Stream) -> bool:
         """Remove *gen* from this handle's registry of whichever app it is in.
@@ -502,6 +647,45 @@ class RegistryHandle:
         :param coalesce: as for :meth:`broadcast`.
         """
         self.get().send_to(key, event, coalesce=coalesce)
+
+    def send_to_identity(
+        self, identity: Any, event: str | bytes, *, coalesce: Hashable | None = None
+    ) -> None:
+        """Send *event* to the streams of *identity*: :meth:`SSERegistry.send_to_identity`.
+
+        :param identity: a user id, as the identity loader returns it.
+        :param event: a complete event.
+        :param coalesce: as for :meth:`broadcast`.
+        """
+        self.get().send_to_identity(identity, event, coalesce=coalesce)
+
+    def publish(self, topic: str, event: str | bytes, *, coalesce: Hashable | None = None) -> None:
+        """Send *event* to the streams that joined *topic*: :meth:`SSERegistry.publish`.
+
+        :param topic: the topic.
+        :param event: a complete event.
+        :param coalesce: as for :meth:`broadcast`.
+        """
+        self.get().publish(topic, event, coalesce=coalesce)
+
+    def revoke(
+        self,
+        *,
+        identity: Any = None,
+        topic: str | None = None,
+        key: Any = None,
+        event: str | bytes | None = None,
+        reconnect: bool = True,
+    ) -> None:
+        """End the streams of an identity, a topic or a key everywhere: :meth:`SSERegistry.revoke`.
+
+        :param identity: end every stream of this identity.
+        :param topic: end every stream that joined this topic.
+        :param key: end every stream registered under this key.
+        :param event: an event to send to them first.
+        :param reconnect: end abruptly (the tabs reconnect and are checked again).
+        """
+        self.get().revoke(identity=identity, topic=topic, key=key, event=event, reconnect=reconnect)
 
     def notify_subscribers(self, fn: Callable[[Stream], object]) -> list[Stream]:
         """Call ``fn(gen)`` for every stream of this process in the current app's registry.

@@ -9,10 +9,15 @@ Two ways to reach the streams:
 
 - :meth:`SSERegistry.notify_subscribers` calls a function with every stream,
   in the caller's thread, as datastar-cl does;
-- :meth:`SSERegistry.broadcast` and :meth:`SSERegistry.send_to` take an event
-  that is already rendered, frame it once and hand it to the registry's
-  broadcaster thread, so the command returns at once. Through a bus
-  (:mod:`flask_datastar.bus`) they reach the streams of every process.
+- :meth:`SSERegistry.broadcast` (every stream), :meth:`SSERegistry.send_to`
+  (one tab's key), :meth:`SSERegistry.send_to_identity` (every tab of one
+  user) and :meth:`SSERegistry.publish` (the streams that joined a topic)
+  take an event that is already rendered, frame it once and hand it to the
+  registry's broadcaster thread, so the command returns at once. Through a
+  bus (:mod:`flask_datastar.bus`) they reach the streams of every process.
+
+:meth:`SSERegistry.revoke` ends the streams of an identity, a topic or a key
+in every process, in order with the events sent before it.
 
 A registry that nobody uses costs nothing: its broadcaster thread and its bus
 subscription go away after ``linger`` idle seconds and come back when needed.
@@ -30,8 +35,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import Forbidden, Unauthorized
 
 from .stream import StreamClosed, check_event
 from .transport import Chunk
@@ -56,16 +63,37 @@ SEEN_MESSAGES = 4096
 LINGER = 5.0
 
 
-class _Item:
-    __slots__ = ("key", "chunk", "slot", "superseded", "to_key")
+# Who an event is for; the letters are the fields of a bus message that name the target.
+_ALL = ""
+_KEY = "k"
+_IDENTITY = "u"
+_TOPIC = "t"
+_TARGETS = (_KEY, _IDENTITY, _TOPIC)
 
-    def __init__(self, to_key: bool, key: Any, chunk: Chunk, coalesce: Hashable | None) -> None:
-        self.to_key = to_key
-        self.key = key
+# What a revocation does to the streams it reaches (the "x" field of a bus message).
+_DELIVER = 0
+_END_CLEANLY = 1
+_END_ABRUPTLY = 2
+
+
+class _Item:
+    __slots__ = ("kind", "target", "chunk", "slot", "superseded", "end")
+
+    def __init__(
+        self,
+        kind: str,
+        target: Any,
+        chunk: Chunk | None,
+        coalesce: Hashable | None,
+        end: int = _DELIVER,
+    ) -> None:
+        self.kind = kind
+        self.target = target
         self.chunk = chunk
+        self.end = end
         # An event supersedes only those that would reach the same recipients: a unicast
-        # never drops a broadcast, nor another key's unicast.
-        self.slot: Hashable | None = None if coalesce is None else (to_key, key, coalesce)
+        # never drops a broadcast, nor another key's unicast. A revocation never does.
+        self.slot: Hashable | None = None if coalesce is None or end else (kind, target, coalesce)
         self.superseded = False
 
 
@@ -94,6 +122,14 @@ class SSERegistry:
         before it exits, and seconds a registry without streams keeps its
         bus subscription (so that a tab reloading does not unsubscribe and
         subscribe again).
+    :param authorize: decides whether a stream may join a topic
+        (:meth:`register` with ``topics=``, :meth:`join`): called as
+        ``authorize(gen.identity, topic)``; a false answer refuses the join
+        with :class:`~werkzeug.exceptions.Unauthorized` (401) for a stream
+        without identity, :class:`~werkzeug.exceptions.Forbidden` (403)
+        otherwise. ``None`` lets every stream join every topic. The
+        extension's registries ask :meth:`FlaskDatastar.authorizer
+        <flask_datastar.FlaskDatastar.authorizer>`.
     """
 
     def __init__(
@@ -103,15 +139,22 @@ class SSERegistry:
         bus: Bus | None = None,
         on_resync: Callable[[Stream], object] | None = None,
         linger: float = LINGER,
+        authorize: Callable[[Any, str], object] | None = None,
     ) -> None:
         if not linger >= 0:
             raise ValueError(f"'linger' must be a number of seconds, 0 or more, not {linger!r}.")
         self.name = name
         self.on_resync = on_resync
         self.linger = linger
+        self.authorize = authorize
         self._lock = threading.Lock()
         self._streams: dict[Stream, Any] = {}
         self._by_key: dict[Any, dict[Stream, None]] = {}
+        # The identity each stream had when it registered, and the topics it joined.
+        self._identity_of: dict[Stream, Any] = {}
+        self._by_identity: dict[Any, dict[Stream, None]] = {}
+        self._topics_of: dict[Stream, set[str]] = {}
+        self._by_topic: dict[str, dict[Stream, None]] = {}
         #: When the last stream left (``None`` while there are streams).
         self._empty_since: float | None = None
         self._cond = threading.Condition(threading.Lock())
@@ -147,29 +190,47 @@ class SSERegistry:
 
     # -- membership ---------------------------------------------------------------
 
-    def register(self, gen: Stream, key: Any = None) -> Stream:
+    def register(self, gen: Stream, key: Any = None, *, topics: Iterable[str] = ()) -> Stream:
         """Add *gen*; with *key*, :meth:`send_to` and :meth:`notify_subscriber` can reach it.
 
         Call it in ``on_connect``, before the stream sends its initial state,
         so that no broadcast falls between the two. Registering a stream again
-        only updates its key. A stream that ends is unregistered by itself.
-        With a bus, the first stream of this process (or the first after the
-        registry left the bus for want of streams) waits until the bus
-        confirms the subscription.
+        updates its key and adds *topics*. A stream that ends is unregistered
+        by itself. With a bus, the first stream of this process (or the first
+        after the registry left the bus for want of streams) waits until the
+        bus confirms the subscription.
+
+        The stream's :attr:`~flask_datastar.Stream.identity` (resolved once,
+        when it opened) is read here: :meth:`send_to_identity` and
+        :meth:`revoke` reach it by that identity.
 
         :param gen: the stream.
-        :param key: any hashable (a user id, a tab id); a string, a number or
-            a tuple of them when a bus carries unicasts between processes.
+        :param key: any hashable (a tab id); a string, a number or a tuple of
+            them when a bus carries unicasts between processes.
+        :param topics: topics the stream joins, as with :meth:`join`: each is
+            checked by *authorize* first, and a refusal registers nothing.
+        :raises werkzeug.exceptions.Forbidden: *authorize* refused a topic
+            (:class:`~werkzeug.exceptions.Unauthorized` for a stream without
+            identity); in ``on_connect`` it is the response: a 403 (401) with
+            no event.
         """
+        return self._register(gen, key, self._authorized(gen, topics))
+
+    def _register(self, gen: Stream, key: Any, topics: tuple[str, ...]) -> Stream:
+        identity = getattr(gen, "identity", None)
         with self._lock:
-            old = self._streams.get(gen)
-            if gen in self._streams and old is not None:
-                self._by_key.get(old, {}).pop(gen, None)
-                if not self._by_key.get(old, True):
-                    del self._by_key[old]
+            if gen in self._streams:
+                old = self._streams[gen]
+                if old is not None:
+                    _index_remove(self._by_key, old, gen)
+                _index_remove(self._by_identity, self._identity_of.pop(gen, None), gen)
             self._streams[gen] = key
             if key is not None:
                 self._by_key.setdefault(key, {})[gen] = None
+            if identity is not None:
+                self._identity_of[gen] = identity
+                self._by_identity.setdefault(identity, {})[gen] = None
+            self._add_topics_locked(gen, topics)
             self._empty_since = None
             # Read under the lock that the lingering unsubscribe takes to give it up:
             # either it sees this stream and stays, or this sees it gone and subscribes.
@@ -193,11 +254,10 @@ class SSERegistry:
                 return False
             key = self._streams.pop(gen)
             if key is not None:
-                streams = self._by_key.get(key)
-                if streams is not None:
-                    streams.pop(gen, None)
-                    if not streams:
-                        del self._by_key[key]
+                _index_remove(self._by_key, key, gen)
+            _index_remove(self._by_identity, self._identity_of.pop(gen, None), gen)
+            for topic in self._topics_of.pop(gen, ()):
+                _index_remove(self._by_topic, topic, gen)
             lingering = False
             if not self._streams:
                 self._empty_since = time.monotonic()
@@ -209,20 +269,105 @@ class SSERegistry:
                 self._cond.notify_all()
         return True
 
-    def snapshot(self, key: Any = None) -> list[Stream]:
-        """Return the registered streams (those under *key* when given), in registration order.
+    def join(self, gen: Stream, *topics: str) -> Stream:
+        """Add *gen* to *topics*, registering it first if needed: :meth:`publish` reaches it there.
 
-        :param key: only the streams registered with this key.
+        Each topic is checked by *authorize* (see :class:`SSERegistry`)
+        before the stream joins any; a refusal raises, and the stream joins
+        none of them. Called in ``on_connect``, the refusal is the response
+        (a 403, or a 401 without identity, with no event); called later, from
+        the handler, it ends the stream abruptly, and its reconnection is
+        checked again.
+
+        :param gen: the stream.
+        :param topics: topic names (strings).
+        :raises werkzeug.exceptions.Forbidden: a topic was refused.
+        """
+        topics = self._authorized(gen, topics)
+        with self._lock:
+            if gen in self._streams:
+                self._add_topics_locked(gen, topics)
+                return gen
+        return self._register(gen, None, topics)
+
+    def leave(self, gen: Stream, *topics: str) -> None:
+        """Take *gen* out of *topics* (it stays registered).
+
+        :param gen: the stream.
+        :param topics: topic names.
         """
         with self._lock:
-            if key is None:
-                return list(self._streams)
-            return list(self._by_key.get(key, ()))
+            joined = self._topics_of.get(gen)
+            if joined is None:
+                return
+            for topic in topics:
+                if topic in joined:
+                    joined.discard(topic)
+                    _index_remove(self._by_topic, topic, gen)
+
+    def _authorized(self, gen: Stream, topics: Iterable[str]) -> tuple[str, ...]:
+        """Check every topic with *authorize*; raise 401/403 at the first refusal."""
+        topics = (topics,) if isinstance(topics, str) else tuple(topics)
+        for topic in topics:
+            if not isinstance(topic, str):
+                raise TypeError(f"A topic is a string, not {type(topic).__name__}: {topic!r}.")
+        if self.authorize is None:
+            return topics
+        identity = getattr(gen, "identity", None)
+        for topic in topics:
+            if not self.authorize(identity, topic):
+                if identity is None:
+                    raise Unauthorized(f"Log in to follow {topic!r}.")
+                raise Forbidden(f"You may not follow {topic!r}.")
+        return topics
+
+    def _add_topics_locked(self, gen: Stream, topics: tuple[str, ...]) -> None:
+        if not topics:
+            return
+        joined = self._topics_of.setdefault(gen, set())
+        for topic in topics:
+            joined.add(topic)
+            self._by_topic.setdefault(topic, {})[gen] = None
+
+    def snapshot(
+        self, key: Any = None, *, identity: Any = None, topic: str | None = None
+    ) -> list[Stream]:
+        """Return this process's registered streams, in registration order.
+
+        With one of the arguments, only the streams that it names.
+
+        :param key: only the streams registered with this key.
+        :param identity: only the streams of this identity.
+        :param topic: only the streams that joined this topic.
+        """
+        with self._lock:
+            if key is not None:
+                return list(self._by_key.get(key, ()))
+            if identity is not None:
+                return list(self._by_identity.get(identity, ()))
+            if topic is not None:
+                return list(self._by_topic.get(topic, ()))
+            return list(self._streams)
 
     def keys(self) -> list[Any]:
         """Return the keys that have at least one stream registered."""
         with self._lock:
             return list(self._by_key)
+
+    def identities(self) -> list[Any]:
+        """Return the identities that have at least one stream registered in this process."""
+        with self._lock:
+            return list(self._by_identity)
+
+    def topics(self, gen: Stream | None = None) -> list[str]:
+        """Return the topics that have a stream in this process, or those *gen* joined.
+
+        :param gen: a registered stream.
+        """
+        with self._lock:
+            if gen is not None:
+                return sorted(self._topics_of.get(gen, ()))
+            return list(self._by_topic)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -304,7 +449,7 @@ class SSERegistry:
             it ``None`` for events that must all arrive.
         :raises ValueError: *event* is empty or does not end with a blank line.
         """
-        self._publish(False, None, event, coalesce)
+        self._publish(_ALL, None, event, coalesce)
 
     def send_to(self, key: Any, event: str | bytes, *, coalesce: Hashable | None = None) -> None:
         """Send *event* to the streams registered under *key*, as :meth:`broadcast` does.
@@ -316,7 +461,96 @@ class SSERegistry:
         """
         if key is None:
             raise ValueError("'send_to' needs a key; use 'broadcast' to reach every stream.")
-        self._publish(True, key, event, coalesce)
+        self._publish(_KEY, key, event, coalesce)
+
+    def send_to_identity(
+        self, identity: Any, event: str | bytes, *, coalesce: Hashable | None = None
+    ) -> None:
+        """Send *event* to every stream of *identity* (all of one user's tabs).
+
+        A stream's identity is what the extension's identity loader returned
+        when it opened (:attr:`Stream.identity <flask_datastar.Stream.identity>`).
+        Through a bus it reaches that identity's streams in every process, and
+        no other stream.
+
+        :param identity: a user id, as the identity loader returns it.
+        :param event: a complete event.
+        :param coalesce: as for :meth:`broadcast`: it supersedes only events
+            for the same identity with the same label.
+        """
+        if identity is None:
+            raise ValueError(
+                "'send_to_identity' needs an identity; anonymous streams have none:"
+                " use 'broadcast' or a topic to reach them."
+            )
+        self._publish(_IDENTITY, identity, event, coalesce)
+
+    def publish(self, topic: str, event: str | bytes, *, coalesce: Hashable | None = None) -> None:
+        """Send *event* to the streams that joined *topic* (:meth:`join`).
+
+        :param topic: the topic's name.
+        :param event: a complete event.
+        :param coalesce: as for :meth:`broadcast`: it supersedes only events
+            for the same topic with the same label.
+        """
+        if not isinstance(topic, str):
+            raise TypeError(f"A topic is a string, not {type(topic).__name__}: {topic!r}.")
+        self._publish(_TOPIC, topic, event, coalesce)
+
+    def revoke(
+        self,
+        *,
+        identity: Any = None,
+        topic: str | None = None,
+        key: Any = None,
+        event: str | bytes | None = None,
+        reconnect: bool = True,
+    ) -> None:
+        """End the streams of *identity*, *topic* or *key* in every process (logout, lost access).
+
+        Give exactly one of them. With a bus, one message reaches every
+        process, whose broadcaster ends the matching streams after writing
+        the events queued before it (and *event*, if given: a notice such as
+        "your session has ended" patched into the page). Without a bus, only
+        this process's streams.
+
+        With *reconnect* (the default) each stream ends abruptly: its tab
+        reconnects, and the new stream is checked again as it opens (identity,
+        authorisation): a refusal is a 401/403, which the Datastar client does
+        not retry, so the tab stops; a client that may still listen gets a
+        fresh stream with only what it may see now. Change the state first
+        (log out, withdraw the permission), then revoke. Without
+        *reconnect*, the streams end cleanly and the tabs stay as they are,
+        without a stream.
+
+        :param identity: end every stream of this identity.
+        :param topic: end every stream that joined this topic.
+        :param key: end every stream registered under this key.
+        :param event: an event to send to those streams before they end.
+        :param reconnect: end abruptly (the tab reconnects and is checked
+            again) or cleanly (the tab stays, not live).
+        :raises ValueError: not exactly one of *identity*, *topic*, *key*.
+        :raises flask_datastar.BusError: the bus did not take the message:
+            this process's streams were ended, the other processes' were not.
+        """
+        given = [
+            (kind, value)
+            for kind, value in ((_IDENTITY, identity), (_TOPIC, topic), (_KEY, key))
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "'revoke' ends the streams of one identity, one topic or one key: pass"
+                " exactly one of 'identity=', 'topic=' or 'key='."
+            )
+        kind, target = given[0]
+        self._publish(
+            kind,
+            target,
+            event,
+            None,
+            end=_END_ABRUPTLY if reconnect else _END_CLEANLY,
+        )
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until the broadcaster has written everything queued; return whether it has.
@@ -433,32 +667,43 @@ class SSERegistry:
         return self._origin
 
     def _publish(
-        self, to_key: bool, key: Any, event: str | bytes, coalesce: Hashable | None
+        self,
+        kind: str,
+        target: Any,
+        event: str | bytes | None,
+        coalesce: Hashable | None,
+        end: int = _DELIVER,
     ) -> None:
-        # Refused here, in the command that sent it, rather than on every stream.
-        check_event(event)
-        if isinstance(event, bytes):
-            try:
-                event = event.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"An event must be UTF-8 text: {e}.") from None
+        if event is not None:
+            # Refused here, in the command that sent it, rather than on every stream.
+            check_event(event)
+            if isinstance(event, bytes):
+                try:
+                    event = event.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"An event must be UTF-8 text: {e}.") from None
         bus = self._bus
         if bus is None:
-            self._enqueue(_Item(to_key, key, Chunk(event), coalesce))
+            chunk = None if event is None else Chunk(event)
+            self._enqueue(_Item(kind, target, chunk, coalesce, end))
             return
         # The id lets every subscriber drop a repeat of this message: redis-py retries
         # a PUBLISH that timed out, and the first one may have reached Redis.
-        message: dict[str, Any] = {"e": event, "i": self._message_id()}
-        if to_key:
-            message["k"] = key
+        message: dict[str, Any] = {"i": self._message_id()}
+        if event is not None:
+            message["e"] = event
+        if kind:
+            message[kind] = target
         if coalesce is not None:
             message["c"] = coalesce
+        if end:
+            message["x"] = end
         try:
             payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
         except TypeError:
             raise TypeError(
-                "With a bus, keys and coalesce labels cross processes as JSON: use strings,"
-                " numbers, or tuples of them."
+                "With a bus, keys, identities and coalesce labels cross processes as JSON:"
+                " use strings, numbers, or tuples of them."
             ) from None
         try:
             if self._resync_owed:
@@ -480,6 +725,10 @@ class SSERegistry:
                 )
             if self._streams:
                 self._on_bus_message(payload)
+            if end:
+                # A revocation must not pass for done: the caller learns that the
+                # other processes' streams are still open.
+                raise
             return
         if self._bus_down:
             self._bus_down = False
@@ -509,12 +758,19 @@ class SSERegistry:
         if "r" in message:
             self._on_bus_gap()
             return
+        kind, target = _ALL, None
+        for field_name in _TARGETS:
+            if field_name in message:
+                kind, target = field_name, _hashable(message[field_name])
+                break
+        event = message.get("e")
         self._enqueue(
             _Item(
-                "k" in message,
-                _hashable(message.get("k")),
-                Chunk(message["e"]),
+                kind,
+                target,
+                None if event is None else Chunk(event),
                 _hashable(message.get("c")),
+                int(message.get("x", _DELIVER)),
             )
         )
 
@@ -603,9 +859,45 @@ class SSERegistry:
             if unsubscribe:
                 self._unsubscribe_if_unused()
                 continue
-            streams = self.snapshot(item.key) if item.to_key else self.snapshot()
-            self._call_each(streams, operator.methodcaller("send", item.chunk))
+            streams = self._recipients(item.kind, item.target)
+            if item.chunk is not None:
+                failed = self._call_each(streams, operator.methodcaller("send", item.chunk))
+                streams = [gen for gen in streams if gen not in failed]
+            if item.end:
+                self._end_streams(streams, item.end == _END_ABRUPTLY)
             idle_since = time.monotonic()
+
+    def _recipients(self, kind: str, target: Any) -> list[Stream]:
+        if kind == _KEY:
+            return self.snapshot(target)
+        if kind == _IDENTITY:
+            return self.snapshot(identity=target)
+        if kind == _TOPIC:
+            return self.snapshot(topic=target)
+        return self.snapshot()
+
+    def _end_streams(self, streams: list[Stream], reconnect: bool) -> None:
+        """End revoked streams: out of the registry first, so nothing more reaches them."""
+        for gen in streams:
+            self.unregister(gen)
+        for gen in streams:
+            try:
+                gen.close(reconnect=reconnect)
+            except Exception:
+                log.exception("flask_datastar: %r could not end the revoked %r", self, gen)
+        if streams:
+            log.info("flask_datastar: %r revoked %d stream(s).", self, len(streams))
+
+
+def _index_remove(index: dict[Any, dict[Stream, None]], value: Any, gen: Stream) -> None:
+    """Take *gen* out of ``index[value]``, dropping the entry once it is empty."""
+    if value is None:
+        return
+    streams = index.get(value)
+    if streams is not None:
+        streams.pop(gen, None)
+        if not streams:
+            del index[value]
 
 
 def _hashable(value: Any) -> Any:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 
 from flask import Response, current_app, has_request_context, request, stream_with_context
-from werkzeug.exceptions import ServiceUnavailable
+from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
 from .sse import SSE_HEADERS
 from .stream import (
@@ -37,6 +37,30 @@ class StreamDecorator(Protocol):
 
 Content = str | bytes | Iterable[Any] | None
 
+#: A stream view's own check: called with the identity, in the view; false refuses.
+Authorize = Callable[[Any], object]
+
+
+def _identify(authorize: Authorize | None) -> Any:
+    """Resolve who opens this stream and whether they may; raise 401/403 if not.
+
+    Runs in the view, before any byte leaves, so the request context is the
+    one of this very request: the identity is read once, here, never later.
+    """
+    state = current_app.extensions.get("datastar") if has_request_context() else None
+    extension = None if state is None else state.extension
+    identity = None if extension is None else extension._load_identity()
+    allowed = True
+    if extension is not None and extension._authorizer is not None:
+        allowed = bool(extension._authorizer(identity, None))
+    if allowed and authorize is not None:
+        allowed = bool(authorize(identity))
+    if not allowed:
+        if identity is None:
+            raise Unauthorized("Log in to open this stream.")
+        raise Forbidden("You may not open this stream.")
+    return identity
+
 
 def _settings() -> tuple[StreamConfig, int | None]:
     state = current_app.extensions.get("datastar") if has_request_context() else None
@@ -61,6 +85,9 @@ class DatastarResponse(Response):
         stream (see :func:`sse_response`).
     :param on_connect: with *handler*, called with the stream when it opens.
     :param on_disconnect: with *handler*, called exactly once when it ends.
+    :param authorize: with *handler* or a generator, called as
+        ``authorize(identity)`` in the view before the stream opens; a false
+        answer is a 401 (no identity) or 403, with no event.
     """
 
     default_mimetype = "text/event-stream"
@@ -77,6 +104,7 @@ class DatastarResponse(Response):
         handler: Handler | None = None,
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
+        authorize: Authorize | None = None,
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
@@ -91,7 +119,7 @@ class DatastarResponse(Response):
             refuse_async(handler, "The stream handler")
             if content is not None:
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
-            body = self._open(handler, on_connect, on_disconnect)
+            body = self._open(handler, on_connect, on_disconnect, authorize)
             super().__init__(body, status, all_headers, **kwargs)
         elif content is None:
             # Nothing to send: 204, as datastar-py answers (the client does nothing).
@@ -108,15 +136,27 @@ class DatastarResponse(Response):
             def handler(gen: Stream) -> Iterable[Any]:
                 return events
 
-            super().__init__(self._open(handler, None, None), status, all_headers, **kwargs)
+            super().__init__(
+                self._open(handler, None, None, authorize), status, all_headers, **kwargs
+            )
 
-    def _open(self, handler: Handler, on_connect: Hook | None, on_disconnect: Hook | None) -> Any:
+    def _open(
+        self,
+        handler: Handler,
+        on_connect: Hook | None,
+        on_disconnect: Hook | None,
+        authorize: Authorize | None = None,
+    ) -> Any:
+        # Before anything else, HEAD included: a refused client learns nothing more,
+        # and takes no stream slot.
+        identity = _identify(authorize)
         if has_request_context() and request.method == "HEAD":
             # The headers are the whole answer: no stream, no hooks, no thread held.
             return []
         config, max_streams = _settings()
         environ = request.environ if has_request_context() else {}
         stream = Stream(environ, config, on_connect=on_connect, on_disconnect=on_disconnect)
+        stream.identity = identity
         if not stream._admit(max_streams):
             if max_streams == 0:
                 raise ServiceUnavailable(
@@ -129,6 +169,11 @@ class DatastarResponse(Response):
                 " requests); try again later."
             )
         try:
+            if identity is not None:
+                # Filed under its identity, so that a revocation reaches it in every
+                # process whatever registries the application put it in.
+                state = current_app.extensions["datastar"]
+                state.extension._identity_registry(current_app).register(stream)
             # In the view, before any byte leaves: an error here gets Flask's own
             # error response instead of a connection cut before its status line.
             stream._connect()
@@ -162,6 +207,7 @@ def sse_response(
     on_disconnect: Hook | None = None,
     status: int | None = None,
     headers: dict[str, str] | None = None,
+    authorize: Authorize | None = None,
 ) -> DatastarResponse:
     """Return a streaming response that runs ``handler(gen)`` on a new stream.
 
@@ -175,9 +221,19 @@ def sse_response(
     :param on_disconnect: called exactly once when the stream ends.
     :param status: the HTTP status.
     :param headers: extra headers.
+    :param authorize: called as ``authorize(identity)`` in the view, after
+        the app's :meth:`~flask_datastar.FlaskDatastar.authorizer` and before
+        ``on_connect``; a false answer is a 401 (no identity) or a 403, and
+        no stream opens.
     """
     return DatastarResponse(
-        None, status, headers, handler=handler, on_connect=on_connect, on_disconnect=on_disconnect
+        None,
+        status,
+        headers,
+        handler=handler,
+        on_connect=on_connect,
+        on_disconnect=on_disconnect,
+        authorize=authorize,
     )
 
 
@@ -189,12 +245,14 @@ def sse_stream(
     *,
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
+    authorize: Authorize | None = None,
 ) -> StreamDecorator: ...
 def sse_stream(
     view: StreamView[Any] | None = None,
     *,
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
+    authorize: Authorize | None = None,
 ) -> Any:
     """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
 
@@ -210,15 +268,23 @@ def sse_stream(
     :param view: the view, when used without arguments (``@sse_stream``).
     :param on_connect: called with the stream when it opens.
     :param on_disconnect: called exactly once when the stream ends.
+    :param authorize: called as ``authorize(identity)`` before the stream
+        opens; see :func:`sse_response`.
     """
-    decorate = _StreamDecorator(on_connect, on_disconnect)
+    decorate = _StreamDecorator(on_connect, on_disconnect, authorize)
     return decorate(view) if view is not None else decorate
 
 
 class _StreamDecorator:
-    def __init__(self, on_connect: Hook | None, on_disconnect: Hook | None) -> None:
+    def __init__(
+        self,
+        on_connect: Hook | None,
+        on_disconnect: Hook | None,
+        authorize: Authorize | None = None,
+    ) -> None:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        self.authorize = authorize
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
         refuse_async(view, "The stream view")
@@ -229,6 +295,7 @@ class _StreamDecorator:
                 lambda gen: view(gen, *args, **kwargs),
                 on_connect=self.on_connect,
                 on_disconnect=self.on_disconnect,
+                authorize=self.authorize,
             )
 
         return wrapper

@@ -248,6 +248,7 @@ class Stream:
         "environ",
         "config",
         "key",
+        "identity",
         "sent_events",
         "_on_connect",
         "_on_disconnect",
@@ -279,6 +280,9 @@ class Stream:
         self.config = config or StreamConfig()
         #: The key this stream was registered under, for unicast.
         self.key: Any = None
+        #: Who the stream belongs to: what the extension's identity loader returned
+        #: in the view that opened it (``None``: anonymous, or no loader).
+        self.identity: Any = None
         self._on_connect = [on_connect] if on_connect else []
         self._on_disconnect = [on_disconnect] if on_disconnect else []
         self._lock = threading.Lock()
