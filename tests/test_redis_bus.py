@@ -725,11 +725,37 @@ def test_a_publish_that_timed_out_and_was_retried_is_delivered_once(
         while (message := raw.get_message(timeout=1)) is not None:
             if message["type"] == "message":
                 copies.append(message["data"])
-        # Redis really carried it twice ...
-        assert sum(b"once" in data for data in copies) == 2
+        # Redis carried it twice where redis-py retries a timed-out command (recent
+        # releases do; 5.0 does not, and then it went once: the test below makes the
+        # repeat itself) ...
+        assert sum(b"once" in data for data in copies) in (1, 2), copies
         # ... and the other process wrote it to its stream once.
         assert sum(b"once" in data for data in tab.received) == 1
     finally:
         raw.close()
+        here.close()
+        there.close()
+
+
+def test_a_message_that_reaches_redis_twice_is_written_once(
+    buses: Callable[..., RedisBus],
+) -> None:
+    """The same message (same id) published twice, as any retry of a PUBLISH that did
+    reach Redis produces, is written to the streams once."""
+    here = SSERegistry("twice", bus=buses())
+    there = SSERegistry("twice", bus=buses())
+    tab = there.register(FakeStream())
+    bus = here.bus
+    assert bus is not None
+    try:
+        payload = json.dumps(
+            {"e": SSE.patch_signals({"n": 1}), "i": "feedface:1"}, separators=(",", ":")
+        ).encode()
+        bus.publish("flask_datastar:twice", payload)
+        bus.publish("flask_datastar:twice", payload)
+        here.broadcast(SSE.patch_signals({"after": True}))
+        wait_for(lambda: any(b"after" in data for data in tab.received))
+        assert sum(b'"n":1' in data for data in tab.received) == 1
+    finally:
         here.close()
         there.close()
