@@ -101,6 +101,7 @@ class DatastarEvent(str):
 Elements = str | HasHTML
 Signals = Mapping[str, Any] | str
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # The line terminators of the event-stream format. str.splitlines() would also
 # split on U+2028, U+0085 and friends, which are ordinary text in HTML and JSON.
 _NEWLINES = re.compile(r"\r\n|\r|\n")
@@ -205,7 +206,11 @@ def _event(
 ) -> DatastarEvent:
     out = [f"event: {event_type.value}\n"]
     if event_id is not None:
-        out.append(f"id: {_single_line('event_id', str(event_id))}\n")
+        event_id = _single_line("event_id", str(event_id))
+        if "\0" in event_id:
+            # The event-stream format ignores such an id: the event would arrive without it.
+            raise ValueError(f"The event_id {event_id!r} must not contain NUL.")
+        out.append(f"id: {event_id}\n")
     if retry_duration is not None:
         if isinstance(retry_duration, bool) or not isinstance(retry_duration, int):
             raise TypeError(
@@ -277,12 +282,13 @@ def js_string(value: str) -> str:
     """Encode *value* as a JavaScript string literal that is safe anywhere in HTML.
 
     JSON-encodes it, then escapes ``<``, ``>`` and ``&`` so the literal can
-    neither close a ``<script>`` element nor start an HTML entity, and U+2028 and
-    U+2029, which older JavaScript engines treat as line breaks.
+    neither close a ``<script>`` element nor start an HTML entity, U+2028 and
+    U+2029, which older JavaScript engines treat as line breaks, and any lone
+    UTF-16 surrogate, which no page or event could be encoded with.
 
     :param value: any text.
     """
-    return (
+    literal = (
         json.dumps(value, ensure_ascii=False)
         .replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -290,6 +296,9 @@ def js_string(value: str) -> str:
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
     )
+    if _SURROGATE.search(literal) is None:
+        return literal
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", literal)
 
 
 class ServerSentEventGenerator:

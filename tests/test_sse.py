@@ -456,3 +456,23 @@ def test_redirect_refuses_every_scheme_but_http_and_https(location: str) -> None
 )
 def test_redirect_accepts_http_https_and_relative_urls(location: str) -> None:
     assert js_string(location) in SSE.redirect(location)
+
+
+def test_an_event_id_with_nul_is_refused() -> None:
+    # Found by tests/test_fuzz.py: browsers ignore an "id" field that holds NUL, so the
+    # event went out without its id and a reconnecting client sent a stale Last-Event-ID.
+    with pytest.raises(ValueError, match="NUL"):
+        SSE.patch_elements("<i id=i></i>", event_id="a\x00b")
+    with pytest.raises(ValueError, match="NUL"):
+        SSE.patch_signals({"a": 1}, event_id="\x00")
+
+
+@pytest.mark.parametrize("value", ["\ud800", "a\udfffb", "\udc00\ud800"])
+def test_js_string_escapes_a_lone_surrogate(value: str) -> None:
+    # Found by tests/test_fuzz.py: the raw surrogate made the literal impossible to write
+    # as UTF-8, so a page or event that held it failed to encode. Escaped, it is the same
+    # JavaScript string.
+    literal = js_string(value)
+    literal.encode("utf-8")
+    assert json.loads(literal) == value
+    assert SSE.console_log(value).encode("utf-8")
