@@ -13,7 +13,7 @@ from flask import current_app, has_app_context, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-from .sse import _dumps_json, _find_not_finite, not_finite_error
+from .sse import _dumps_json, _find_not_finite, _not_finite_error
 
 __all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "dumps_signals", "is_datastar_request", "read_signals"]
 
@@ -216,7 +216,7 @@ def dumps_signals(signals: Mapping[str, Any]) -> str:
         except ValueError as e:
             if "JSON compliant" not in str(e):
                 raise
-            raise not_finite_error(obj) from None
+            raise _not_finite_error(obj) from None
     text: str | bytes = provider.dumps(obj)
     # A provider should return str; one returning orjson's bytes as they are is forgiven.
     return text.decode("utf-8") if isinstance(text, bytes) else text
@@ -248,12 +248,12 @@ def read_signals() -> dict[str, Any]:
         not valid JSON, nested too deeply, not a JSON object, or hold a lone
         UTF-16 surrogate (``"\\ud800"``) in a key or a string: it is no text,
         and no event could carry it. Also when they hold ``NaN``, ``Infinity``,
-        ``-Infinity``, which Python's :mod:`json` reads but JSON has not (the
+        ``-Infinity``, which Python's ``json`` module reads but JSON has not (the
         browser's ``JSON.parse`` would refuse them when echoed back), or a number
         beyond a float's range (``1e999999``, an integer of 309 digits), which
         JavaScript reads as ``Infinity``. With a custom JSON provider the range
         is the provider's (a ``Decimal`` holds any exponent), and an integer
-        longer than Python's limit (:func:`sys.get_int_max_str_digits`, 4300
+        longer than Python's limit (``sys.get_int_max_str_digits()``, 4300
         digits by default) is a 400 too.
     :raises werkzeug.exceptions.RequestEntityTooLarge: the body is larger than
         ``DATASTAR_MAX_SIGNALS_BYTES``.

@@ -240,10 +240,10 @@ def _dumps_json(value: object) -> str:
     except ValueError as e:
         if "JSON compliant" not in str(e):
             raise
-        raise not_finite_error(value) from None
+        raise _not_finite_error(value) from None
 
 
-def not_finite_error(value: object) -> ValueError:
+def _not_finite_error(value: object) -> ValueError:
     """Return the error for signals holding a float that JSON cannot carry, saying where.
 
     :param value: the signals that failed to serialise.
