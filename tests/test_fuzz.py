@@ -807,17 +807,17 @@ def test_any_query_string_is_a_200_400_or_413(signals_app: tuple[Flask, Seen], r
 # --- Headers ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="werkzeug validates header values but not names, and DatastarResponse passes"
-    " names through: the development server writes a CR/LF in a name as it is",
-)
 @fuzz(100)
-@given(name=HOSTILE_TEXT, value=HOSTILE_TEXT)
+@given(
+    # A line break in a name is the known gap below (response.py's to close).
+    name=HOSTILE_TEXT.filter(lambda s: not _has_newline(s)),
+    value=HOSTILE_TEXT,
+)
 def test_a_header_cannot_carry_a_line_break(name: str, value: str) -> None:
     try:
         response = DatastarResponse("", headers={name: value})
-    except ValueError:
+    except ValueError as e:
+        assert _has_newline(value) and "newline" in str(e)
         return
     for key, item in response.headers.to_wsgi_list():
         assert not set("\r\n") & set(key + item)
@@ -825,7 +825,7 @@ def test_a_header_cannot_carry_a_line_break(name: str, value: str) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="found by the property above: a CR/LF in a header name passes DatastarResponse"
+    reason="found by fuzzing: a CR/LF in a header name passes DatastarResponse"
     " and werkzeug, and the development server writes it as it is (response.py's to fix)",
 )
 def test_a_line_break_in_a_header_name_is_refused() -> None:
