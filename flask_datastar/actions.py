@@ -48,8 +48,9 @@ __all__ = [
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*\Z")
 # Everything that could end the string, the attribute or the script element,
 # or that JavaScript treats as a line break. And "@": the client rewrites every
-# "@name(" of an expression into an action call, inside string literals too.
-_UNSAFE = re.compile(r"[\\'\"<>&@\x00-\x1f\x7f\u2028\u2029]")
+# "@name(" of an expression into an action call, inside string literals too. And lone
+# UTF-16 surrogates, with which no page could be encoded.
+_UNSAFE = re.compile(r"[\\'\"<>&@\x00-\x1f\x7f\u2028\u2029\ud800-\udfff]")
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -81,7 +82,9 @@ def js_literal(value: Any) -> str:
 
     Strings become single-quoted literals with every dangerous character
     escaped; mappings become object literals (keys that are not identifiers are
-    quoted); sequences become arrays; ``None`` becomes ``null``.
+    quoted, and ``__proto__`` is a computed key, so that it stays a property
+    instead of setting the prototype); sequences become arrays; ``None`` becomes
+    ``null``.
 
     :param value: a string, number, bool, ``None``, mapping, sequence or :class:`JS`.
     """
@@ -107,7 +110,11 @@ def js_literal(value: Any) -> str:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"Object keys must be strings, not {type(key).__name__}.")
-            name = key if _IDENTIFIER.match(key) else js_literal(key)
+            if key == "__proto__":
+                # Written plainly, this key sets the object's prototype, not a property.
+                name = f"[{js_literal(key)}]"
+            else:
+                name = key if _IDENTIFIER.match(key) else js_literal(key)
             items.append(f"{name}: {js_literal(item)}")
         return "{" + ", ".join(items) + "}"
     if isinstance(value, Sequence):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from flask import current_app, has_app_context, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+from .sse import _dumps_json, _find_not_finite, _not_finite_error
 
 __all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "dumps_signals", "is_datastar_request", "read_signals"]
 
@@ -43,6 +47,67 @@ def _max_signals_bytes() -> int:
     return int(current_app.config.get("DATASTAR_MAX_SIGNALS_BYTES", DEFAULT_MAX_SIGNALS_BYTES))
 
 
+class _NotJSONNumber(ValueError):
+    """A number Python's json module reads but JSON has not: NaN, Infinity, or an overflow."""
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NotJSONNumber(f"the number {token}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else text[:20] + "..." + text[-10:]
+        raise _NotJSONNumber(
+            f"the number {shown}, too large for a float: JavaScript reads it as Infinity"
+        )
+    return value
+
+
+# The largest integer a JavaScript number holds without becoming Infinity.
+_MAX_FLOAT_INT = int(sys.float_info.max)
+_MAX_FLOAT_DIGITS = len(str(_MAX_FLOAT_INT))
+
+
+def _float_sized_int(text: str) -> int:
+    # Counted before converting: int() of a long digit string takes quadratic time
+    # when an application has lifted Python's limit (sys.set_int_max_str_digits(0)).
+    digits = len(text) - text.startswith("-")
+    if digits <= _MAX_FLOAT_DIGITS:
+        value = int(text)
+        if abs(value) <= _MAX_FLOAT_INT:
+            return value
+    shown = text if len(text) <= 40 else text[:20] + "..." + text[-10:]
+    raise _NotJSONNumber(
+        f"the number {shown} ({digits} digits), too large for a float: JavaScript reads it"
+        " as Infinity"
+    )
+
+
+def _loads(text: str) -> tuple[Any, bool]:
+    """Parse *text* with the app's JSON provider; tell whether its numbers were checked.
+
+    Flask's default provider is the standard library underneath, whose hooks refuse
+    ``NaN``, ``Infinity`` and numbers beyond a float's range as they are read:
+    ``parse_constant`` is called only for those words; ``parse_float`` and
+    ``parse_int`` make a 1 MB body of nothing but numbers take about 1.6 times as long
+    to parse (a few milliseconds more), and a body of text no longer. A provider that
+    overrides ``loads`` may set the same hooks itself, so it is called as it is and its
+    result checked afterwards.
+    """
+    provider = current_app.json
+    if type(provider).loads is DefaultJSONProvider.loads:
+        value = provider.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_float_sized_int,
+        )
+        return value, True
+    return provider.loads(text), False
+
+
 def _parse(raw: bytes | str, where: str) -> dict[str, Any]:
     if isinstance(raw, bytes):
         try:
@@ -54,38 +119,51 @@ def _parse(raw: bytes | str, where: str) -> dict[str, Any]:
     try:
         # The app's provider, as request.get_json() would use: a custom one (orjson,
         # or one that reads numbers as Decimal) reads the signals too.
-        value = current_app.json.loads(text)
+        value, numbers_checked = _loads(text)
     except RecursionError:
         raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
+    except _NotJSONNumber as e:
+        raise BadRequest(
+            f"The Datastar signals in {where} hold {e}. Send finite numbers (JSON.stringify"
+            " writes NaN and Infinity as null)."
+        ) from None
     except ValueError as e:
+        if "integer string conversion" in str(e):
+            limit = sys.get_int_max_str_digits()
+            raise BadRequest(
+                f"The Datastar signals in {where} hold an integer of more than {limit} digits,"
+                " Python's limit (sys.set_int_max_str_digits): send it as a string."
+            ) from None
         raise BadRequest(f"The Datastar signals in {where} are not valid JSON: {e}.") from None
     if not isinstance(value, dict):
         raise BadRequest(
             f"The Datastar signals in {where} must be a JSON object, not {type(value).__name__}"
             f" ({_json_type(value)})."
         )
-    if _SURROGATE_ESCAPE.search(text) is not None:
-        _check_no_lone_surrogate(value, where)
+    if not numbers_checked or _SURROGATE_ESCAPE.search(text) is not None:
+        _check_text_and_numbers(value, where)
     return value
 
 
-def _check_no_lone_surrogate(value: dict[str, Any], where: str) -> None:
-    """Refuse signals holding a lone UTF-16 surrogate, in any key or string at any depth.
+def _check_text_and_numbers(value: dict[str, Any], where: str) -> None:
+    """Refuse signals holding a lone UTF-16 surrogate or a float that is not finite.
 
     ``json.loads`` joins an escaped pair (``\\ud83d\\ude00``) into one character but
     keeps a lone half (``\\ud83d``, which a browser's ``JSON.stringify`` writes for half
     an emoji) as a surrogate code point: valid JSON, yet no text. Every event carrying it
-    would fail to encode as UTF-8, long after this request. Serializing the parsed value
-    as UTF-8 is one pass in C over every key and string, and fails exactly on those.
+    would fail to encode as UTF-8, long after this request. A custom JSON provider may
+    also have read ``NaN`` or ``1e999`` as a float that no JSON text can carry back.
+    Serializing the parsed value as UTF-8 is one pass in C over every key, string and
+    number, and fails exactly on those.
 
     :param value: The parsed signals.
     :param where: Where they came from, for the message.
-    :raises werkzeug.exceptions.BadRequest: a surrogate was found.
+    :raises werkzeug.exceptions.BadRequest: a surrogate or such a float was found.
     """
     try:
         # default=str: a custom JSON provider may have made values (Decimal) that the
-        # stdlib cannot serialise; only keys and strings matter here.
-        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+        # stdlib cannot serialise; only keys, strings and floats matter here.
+        json.dumps(value, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
     except RecursionError:
         # Called a few frames deeper than json.loads, it can meet the limit first.
         raise BadRequest(f"The Datastar signals in {where} are nested too deeply.") from None
@@ -95,6 +173,14 @@ def _check_no_lone_surrogate(value: dict[str, Any], where: str) -> None:
             f"The Datastar signals in {where} contain a lone surrogate (\\u{code:04x}), half"
             " of a UTF-16 pair, which is not text. Send whole characters: both halves of"
             " a pair (such as an emoji cut in two), or neither."
+        ) from None
+    except ValueError as e:
+        if "JSON compliant" not in str(e):
+            raise
+        path, number = _find_not_finite(value)
+        raise BadRequest(
+            f"The Datastar signals in {where} hold {number} at {path}, which is not JSON:"
+            " send finite numbers (JSON.stringify writes NaN and Infinity as null)."
         ) from None
 
 
@@ -116,13 +202,21 @@ def dumps_signals(signals: Mapping[str, Any]) -> str:
     for a broadcast the same way.
 
     :param signals: the signals, a JSON merge patch.
+    :raises ValueError: a float in *signals* is not finite.
     """
     obj = signals if isinstance(signals, dict) else dict(signals)
     if not has_app_context():
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        return _dumps_json(obj)
     provider = current_app.json
     if isinstance(provider, DefaultJSONProvider):
-        return provider.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+        try:
+            return provider.dumps(
+                obj, separators=(",", ":"), ensure_ascii=False, sort_keys=False, allow_nan=False
+            )
+        except ValueError as e:
+            if "JSON compliant" not in str(e):
+                raise
+            raise _not_finite_error(obj) from None
     text: str | bytes = provider.dumps(obj)
     # A provider should return str; one returning orjson's bytes as they are is forgiven.
     return text.decode("utf-8") if isinstance(text, bytes) else text
@@ -153,7 +247,14 @@ def read_signals() -> dict[str, Any]:
     :raises werkzeug.exceptions.BadRequest: the signals are not valid UTF-8,
         not valid JSON, nested too deeply, not a JSON object, or hold a lone
         UTF-16 surrogate (``"\\ud800"``) in a key or a string: it is no text,
-        and no event could carry it.
+        and no event could carry it. Also when they hold ``NaN``, ``Infinity``,
+        ``-Infinity``, which Python's ``json`` module reads but JSON has not (the
+        browser's ``JSON.parse`` would refuse them when echoed back), or a number
+        beyond a float's range (``1e999999``, an integer of 309 digits), which
+        JavaScript reads as ``Infinity``. With a custom JSON provider the range
+        is the provider's (a ``Decimal`` holds any exponent), and an integer
+        longer than Python's limit (``sys.get_int_max_str_digits()``, 4300
+        digits by default) is a 400 too.
     :raises werkzeug.exceptions.RequestEntityTooLarge: the body is larger than
         ``DATASTAR_MAX_SIGNALS_BYTES``.
     """

@@ -9,6 +9,7 @@ so code written for it keeps working after changing the import.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from enum import Enum
@@ -100,6 +101,7 @@ class DatastarEvent(str):
 Elements = str | HasHTML
 Signals = Mapping[str, Any] | str
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # The line terminators of the event-stream format. str.splitlines() would also
 # split on U+2028, U+0085 and friends, which are ordinary text in HTML and JSON.
 _NEWLINES = re.compile(r"\r\n|\r|\n")
@@ -107,6 +109,63 @@ _NEWLINES = re.compile(r"\r\n|\r|\n")
 # Modes the client accepts without a selector: it then matches each
 # top-level element of the patch by its id.
 _MODES_WITHOUT_SELECTOR = frozenset({ElementPatchMode.OUTER, ElementPatchMode.REPLACE})
+
+
+# The HTML attribute name grammar (HTML Living Standard, "Attributes"): one or more
+# characters other than controls, space, '"', "'", ">", "/", "=" and noncharacters. "<"
+# too: the tokenizer takes it into the name, but only as a parse error. Lone surrogates
+# are no characters at all, and no event could encode one as UTF-8.
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(
+    f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17)
+)
+_NAME_CHAR = f"[^\\x00-\\x20\\x7f-\\x9f\"'>/=<\\ud800-\\udfff{_NONCHARACTERS}]"
+_ATTRIBUTE_NAME = re.compile(f"{_NAME_CHAR}+\\Z")
+# One ready-made attribute: a name, then nothing or "=" and a value that is double-quoted,
+# single-quoted, or unquoted (no whitespace, quotes, "=", "<", ">" or "`", not empty).
+# Quoted values may hold anything but their quote; the characters no event can carry are
+# refused everywhere.
+_ATTRIBUTE = re.compile(
+    f"{_NAME_CHAR}+"
+    "(?:="
+    "(?:\"[^\"\\ud800-\\udfff]*\"|'[^'\\ud800-\\udfff]*'"
+    "|[^\\x00-\\x20\"'=<>`\\ud800-\\udfff]+))?\\Z"
+)
+# WHATWG URL parsing: leading C0 controls and spaces are stripped, tabs and newlines
+# removed anywhere, then a scheme is an ASCII letter, letters, digits, "+", "-" or ".",
+# and ":". Anything else makes the URL relative.
+_C0_OR_SPACE = "".join(chr(c) for c in range(0x21))
+_TAB_OR_NEWLINE = re.compile("[\t\n\r]")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+\-.]*):")
+_REDIRECT_SCHEMES = frozenset({"http", "https"})
+
+
+def _attribute_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"An attribute name must be a string, not {type(name).__name__}.")
+    if not _ATTRIBUTE_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not an HTML attribute name: a name is one or more characters other"
+            " than spaces, controls, quotes, '>', '/', '=', '<' and noncharacters."
+        )
+    return name
+
+
+def _attribute(attribute: object) -> str:
+    if not isinstance(attribute, str):
+        raise TypeError(f"An attribute must be a string, not {type(attribute).__name__}.")
+    if not _ATTRIBUTE.match(attribute):
+        raise ValueError(
+            f"{attribute!r} is not exactly one attribute: write 'name', 'name=value' or"
+            " 'name=\"value\"' (a value without its quote character), one per string, or"
+            " pass a mapping, whose values are escaped for you."
+        )
+    return attribute
+
+
+def _redirect_scheme(location: str) -> str | None:
+    """Return the scheme a browser reads in *location*, lowercased, or None if relative."""
+    match = _SCHEME.match(_TAB_OR_NEWLINE.sub("", location.lstrip(_C0_OR_SPACE)))
+    return match.group(1).lower() if match else None
 
 
 def _lines(text: str) -> list[str]:
@@ -147,7 +206,11 @@ def _event(
 ) -> DatastarEvent:
     out = [f"event: {event_type.value}\n"]
     if event_id is not None:
-        out.append(f"id: {_single_line('event_id', str(event_id))}\n")
+        event_id = _single_line("event_id", str(event_id))
+        if "\0" in event_id:
+            # The event-stream format ignores such an id: the event would arrive without it.
+            raise ValueError(f"The event_id {event_id!r} must not contain NUL.")
+        out.append(f"id: {event_id}\n")
     if retry_duration is not None:
         if isinstance(retry_duration, bool) or not isinstance(retry_duration, int):
             raise TypeError(
@@ -163,6 +226,49 @@ def _event(
     return DatastarEvent("".join(out))
 
 
+def _dumps_json(value: object) -> str:
+    """Return *value* as compact JSON in key order, refusing NaN and the infinities.
+
+    :func:`json.dumps` writes ``float("nan")`` as ``NaN``, which is no JSON: the
+    browser's ``JSON.parse`` would refuse the whole event.
+
+    :param value: anything :func:`json.dumps` serialises.
+    :raises ValueError: a float in it is not finite; the message says where.
+    """
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        if "JSON compliant" not in str(e):
+            raise
+        raise _not_finite_error(value) from None
+
+
+def _not_finite_error(value: object) -> ValueError:
+    """Return the error for signals holding a float that JSON cannot carry, saying where.
+
+    :param value: the signals that failed to serialise.
+    """
+    path, number = _find_not_finite(value)
+    return ValueError(
+        f"The signals hold {number} at {path or 'the top level'}, which is not JSON (its"
+        " numbers are finite): send None (null) or a finite number instead."
+    )
+
+
+def _find_not_finite(value: object) -> tuple[str, str]:
+    # Walked only once serialising has failed; iterative, since the value may be deep.
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, repr(item)
+        if isinstance(item, Mapping):
+            stack.extend((f"{path}[{key!r}]", child) for key, child in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return "", "a float that is not finite"
+
+
 def comment(text: str = "") -> str:
     """Return an SSE comment block, which the client ignores (used for heartbeats).
 
@@ -176,12 +282,13 @@ def js_string(value: str) -> str:
     """Encode *value* as a JavaScript string literal that is safe anywhere in HTML.
 
     JSON-encodes it, then escapes ``<``, ``>`` and ``&`` so the literal can
-    neither close a ``<script>`` element nor start an HTML entity, and U+2028 and
-    U+2029, which older JavaScript engines treat as line breaks.
+    neither close a ``<script>`` element nor start an HTML entity, U+2028 and
+    U+2029, which older JavaScript engines treat as line breaks, and any lone
+    UTF-16 surrogate, which no page or event could be encoded with.
 
     :param value: any text.
     """
-    return (
+    literal = (
         json.dumps(value, ensure_ascii=False)
         .replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -189,6 +296,9 @@ def js_string(value: str) -> str:
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
     )
+    if _SURROGATE.search(literal) is None:
+        return literal
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", literal)
 
 
 class ServerSentEventGenerator:
@@ -301,7 +411,7 @@ class ServerSentEventGenerator:
         if isinstance(signals, str):
             text = signals
         elif isinstance(signals, Mapping):
-            text = json.dumps(signals, separators=(",", ":"), ensure_ascii=False)
+            text = _dumps_json(signals)
         else:
             raise TypeError(
                 f"'signals' must be a mapping or a JSON string, not {type(signals).__name__}."
@@ -327,22 +437,26 @@ class ServerSentEventGenerator:
         :param script: JavaScript source. It is sent as it is: quote any value
             that comes from a user with :func:`js_string`.
         :param auto_remove: the element removes itself once it has run.
-        :param attributes: extra attributes, as a mapping (names and values are
-            HTML-escaped) or as ready-made ``name="value"`` strings.
+        :param attributes: extra attributes, as a mapping (values are HTML-escaped;
+            each name must match the HTML attribute name grammar) or as ready-made
+            strings, each exactly one attribute: ``defer``, ``type=module`` or
+            ``type="module"``.
         :param event_id: the SSE ``id``.
         :param retry_duration: the client's reconnection delay in milliseconds.
+        :raises ValueError: an attribute name is not one (``"src=x a"``, a space, a
+            quote, ``>``...), or a string is not exactly one attribute.
         """
         parts = ["<script"]
         if auto_remove:
             parts.append(' data-effect="el.remove()"')
         if isinstance(attributes, Mapping):
-            parts.extend(f' {escape(k)}="{escape(v)}"' for k, v in attributes.items())
+            parts.extend(f' {_attribute_name(k)}="{escape(v)}"' for k, v in attributes.items())
         elif attributes is not None:
             if isinstance(attributes, str):
                 raise TypeError(
                     "'attributes' must be a mapping or a list of strings, not a string."
                 )
-            parts.extend(f" {attr}" for attr in attributes)
+            parts.extend(f" {_attribute(attr)}" for attr in attributes)
         parts.append(f">{script}</script>")
         return cls.patch_elements(
             "".join(parts),
@@ -358,10 +472,27 @@ class ServerSentEventGenerator:
     ) -> DatastarEvent:
         """Return an event that sends the browser to *location*.
 
+        Only ``http:``, ``https:`` and relative URLs are accepted: a ``javascript:``
+        URL would run code in the page, and ``data:``, ``vbscript:``, ``file:``,
+        ``blob:`` or ``mailto:`` have no place in a redirect an application builds from
+        data. The scheme is read as a browser reads it, after stripping leading
+        controls and spaces and removing tabs and newlines, case-insensitively. An
+        absolute or ``//host`` URL may still lead to another site: check where a
+        user-supplied *location* goes. For another scheme, write the script yourself:
+        ``execute_script(f"window.location.href = {js_string(url)}")``.
+
         :param location: the URL; JSON-encoded, so no value can break out of it.
         :param event_id: the SSE ``id``.
         :param retry_duration: the client's reconnection delay in milliseconds.
+        :raises ValueError: the URL has another scheme.
         """
+        scheme = _redirect_scheme(location)
+        if scheme is not None and scheme not in _REDIRECT_SCHEMES:
+            raise ValueError(
+                f"Refusing to redirect to a {scheme!r} URL ({location[:40]!r}): only http,"
+                " https and relative URLs are allowed. A 'javascript:' or 'data:' URL would"
+                " run code in the page."
+            )
         return cls.execute_script(
             f"setTimeout(() => window.location.href = {js_string(location)})",
             event_id=event_id,

@@ -321,3 +321,35 @@ def test_filters_and_values_decode_to_the_value_in_javascript(value: str) -> Non
         [pattern, pattern],
         ["/x", pattern, pattern, value],
     ]
+
+
+def test_js_literal_escapes_a_lone_surrogate() -> None:
+    # Found by tests/test_fuzz.py: js_literal("\ud800") held the raw surrogate, which no
+    # page can be encoded with (a 500 when rendered).
+    node = require_tool("node")
+    literal = js_literal({"v": "a\ud800b", "\udfff": 1})
+    literal.encode("utf-8")
+    out = subprocess.run(
+        [node, "-e", f"process.stdout.write(JSON.stringify({literal}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == {"v": "a\ud800b", "\udfff": 1}
+
+
+def test_a_proto_key_is_an_own_property() -> None:
+    # Found by tests/test_fuzz.py: in an object literal, "__proto__": v sets the prototype
+    # instead of a property, so {"__proto__": {...}} in a payload or header reached the
+    # action as {}.
+    node = require_tool("node")
+    value = {"__proto__": {"a": 1}, "b": {"__proto__": 2}}
+    literal = js_literal(value)
+    out = subprocess.run(
+        [node, "-e", f"process.stdout.write(JSON.stringify({literal}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == value
+    assert sse_post("/x", payload=value).count("['__proto__']") == 2

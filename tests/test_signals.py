@@ -6,6 +6,7 @@ import decimal
 import html
 import io
 import json
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -15,6 +16,7 @@ from flask.json.provider import DefaultJSONProvider, JSONProvider
 from flask.testing import FlaskClient
 
 from flask_datastar import is_datastar_request, read_signals
+from flask_datastar.signals import dumps_signals
 from tests.helpers import GunicornServer, RawHTTPStream, post, require_module
 
 
@@ -333,3 +335,104 @@ def test_read_signals_with_orjson() -> None:
     rv = client.post("/r", data='{"b": ')
     assert rv.status_code == 400
     assert b"not valid JSON" in rv.data
+
+
+# Python's json module reads these, JSON does not: the browser's JSON.parse refuses them,
+# so echoing them back in a patch-signals event would break the client's parse.
+NOT_FINITE = [
+    pytest.param('{"n": NaN}', "NaN", id="nan"),
+    pytest.param('{"n": Infinity}', "Infinity", id="infinity"),
+    pytest.param('{"a": {"b": [1, -Infinity]}}', "-Infinity", id="minus-infinity-nested"),
+    pytest.param('{"n": 1e999999}', "1e999999", id="overflow-exponent"),
+    pytest.param('{"n": -1.5E+400}', "-1.5E+400", id="negative-overflow"),
+    pytest.param('{"n": ' + "9" * 400 + ".5}", "99999", id="overflow-digits"),
+]
+
+
+@pytest.mark.parametrize(("body", "token"), NOT_FINITE)
+def test_a_number_that_is_not_finite_is_a_400(echo: FlaskClient, body: str, token: str) -> None:
+    for rv, where in [
+        (echo.post("/echo", data=body, content_type="application/json"), "the request body"),
+        (echo.get("/echo?datastar=" + quote(body)), "the 'datastar' query parameter"),
+    ]:
+        assert rv.status_code == 400, body
+        message = html.unescape(rv.get_data(as_text=True))
+        assert f"The Datastar signals in {where} hold the number" in message
+        assert token in message
+        assert "not JSON" in message or "too large" in message
+
+
+@pytest.mark.parametrize(("body", "token"), NOT_FINITE)
+def test_a_custom_json_provider_still_refuses_numbers_that_are_not_finite(
+    body: str, token: str
+) -> None:
+    app = Flask(__name__)
+    app.json = DecimalProvider(app)  # reads 1e999999 as a (finite) Decimal, NaN as a float
+
+    @app.post("/r")
+    def view() -> Any:
+        return jsonify(read_signals())
+
+    rv = app.test_client().post("/r", data=body)
+    if token in ("NaN", "Infinity", "-Infinity"):
+        assert rv.status_code == 400
+        assert b"not JSON" in rv.data
+    else:
+        # A Decimal holds any exponent: the app asked for it, and it is echoed as JSON.
+        assert rv.status_code == 200
+        json.loads(rv.data)
+
+
+def test_the_words_nan_and_infinity_in_a_string_are_text(echo: FlaskClient) -> None:
+    body = {"a": "NaN", "b": "Infinity 1e999999", "c": 1e308, "d": -1.5e-400}
+    rv = echo.post("/echo", data=json.dumps(body))
+    assert rv.status_code == 200
+    assert rv.json["signals"] == {"a": "NaN", "b": "Infinity 1e999999", "c": 1e308, "d": -0.0}
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        str(int(sys.float_info.max) + 10**292),  # 309 digits: past the largest double
+        "-" + "1" + "0" * 400,
+        "7" * (sys.get_int_max_str_digits() + 1),  # past Python's own limit as well
+    ],
+)
+def test_an_integer_beyond_a_floats_range_is_a_400(echo: FlaskClient, number: str) -> None:
+    # JavaScript reads it as Infinity; Python would keep it exact and echo it back.
+    body = '{"n": ' + number + "}"
+    for rv in (echo.post("/echo", data=body), echo.get("/echo?datastar=" + quote(body))):
+        assert rv.status_code == 400
+        message = html.unescape(rv.get_data(as_text=True))
+        assert "hold the number" in message and "too large for a float" in message
+
+
+def test_the_largest_integer_a_float_holds_is_accepted(echo: FlaskClient) -> None:
+    largest = int(sys.float_info.max)
+    body = f'{{"a": {largest}, "b": -{largest}, "c": 9007199254740993}}'
+    rv = echo.post("/echo", data=body)
+    assert rv.status_code == 200
+    assert json.loads(rv.data)["signals"] == {"a": largest, "b": -largest, "c": 2**53 + 1}
+
+
+def test_a_custom_provider_refuses_an_integer_longer_than_pythons_limit() -> None:
+    app = Flask(__name__)
+    app.json = DecimalProvider(app)
+
+    @app.post("/r")
+    def view() -> Any:
+        return jsonify(read_signals())
+
+    digits = sys.get_int_max_str_digits()
+    rv = app.test_client().post("/r", data='{"n": ' + "7" * (digits + 1) + "}")
+    assert rv.status_code == 400
+    message = html.unescape(rv.get_data(as_text=True))
+    assert f"an integer of more than {digits} digits" in message
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_dumps_signals_refuses_to_write_what_is_not_json(app: Flask, number: float) -> None:
+    with app.app_context(), pytest.raises(ValueError, match="finite"):
+        dumps_signals({"score": number})
+    with pytest.raises(ValueError, match="finite"):
+        dumps_signals({"score": number})

@@ -234,6 +234,14 @@ def test_patch_signals_rejects_other_types() -> None:
         SSE.patch_signals([1, 2])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_patch_signals_refuses_to_write_what_is_not_json(number: float) -> None:
+    # json.dumps would write NaN / Infinity, which JSON.parse in the browser refuses.
+    with pytest.raises(ValueError, match="finite") as info:
+        SSE.patch_signals({"ok": 1, "user": {"score": number}})
+    assert f"hold {number!r} at ['user']['score'], which is not JSON" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected_tag"),
     [
@@ -321,3 +329,150 @@ def test_comment() -> None:
     assert comment("ping") == ": ping\n\n"
     with pytest.raises(ValueError):
         comment("a\nb")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "src=//evil/x.js a",  # the attack: a second attribute smuggled into the name
+        "a b",
+        "a\tb",
+        "a\nb",
+        "a\x0cb",
+        'a"',
+        "a'",
+        "a>",
+        "a/",
+        "a=",
+        "<a",
+        "",
+        "\x00",
+        "a\x1f",
+        "\x7f",
+        "a\x85",  # a C1 control
+        "\ufdd0",  # noncharacters
+        "a\ufffe",
+        "\U0010ffff",
+        "\ud800",  # half of a UTF-16 pair, which no event can carry
+    ],
+)
+def test_execute_script_refuses_an_attribute_name_outside_the_html_grammar(name: str) -> None:
+    with pytest.raises(ValueError, match="attribute name") as info:
+        SSE.execute_script("go()", attributes={name: "1"})
+    assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["type", "data-on:click__debounce.500ms", "x@y", "é", "[attr]", "a&b", "\U0001f600"],
+)
+def test_execute_script_writes_a_valid_attribute_name_as_it_is(name: str) -> None:
+    # Names are validated, not escaped: the tokenizer reads no character reference in a
+    # name, so escaping "&" would have changed it.
+    event = SSE.execute_script("go()", auto_remove=False, attributes={name: 'v"<'})
+    assert f'data: elements <script {name}="v&#34;&lt;">go()</script>\n' in event
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    ["defer", 'type="module"', "type='module'", "type=module", 'data-x="a>b c=d"', "n=''"],
+)
+def test_execute_script_accepts_one_well_formed_attribute_per_string(attribute: str) -> None:
+    event = SSE.execute_script("go()", auto_remove=False, attributes=[attribute, "async"])
+    assert f"data: elements <script {attribute} async>go()</script>\n" in event
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    [
+        "src=//evil/x.js a",  # two attributes in one string
+        'a="1" onload="x()"',
+        'a="1"b',
+        'a="x',  # an unclosed quote swallows the rest of the tag
+        "a='x",
+        "a=",
+        "a=b>",
+        "a=`b`",
+        "a b",
+        "",
+        " defer",
+        "defer ",
+        "a\nb",
+        'on"load=x',
+    ],
+)
+def test_execute_script_refuses_an_attribute_string_that_is_not_one_attribute(
+    attribute: str,
+) -> None:
+    with pytest.raises(ValueError, match="one attribute") as info:
+        SSE.execute_script("go()", attributes=[attribute])
+    assert repr(attribute) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "javascript:alert(1)",
+        "JavaScript:alert(1)",
+        "JAVASCRIPT:alert(1)",
+        " javascript:alert(1)",
+        "\x00\x01\x1f javascript:alert(1)",  # browsers strip leading C0 controls and spaces
+        "java\tscript:alert(1)",  # ... and remove tabs and newlines anywhere
+        "java\nscr\ript:alert(1)",
+        "j\ta\nv\ra\tscript:alert(1)",
+        "vbscript:msgbox(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "DATA:text/html;base64,PHNjcmlwdD4=",
+        "file:///etc/passwd",
+        "blob:https://example.com/uuid",
+        "mailto:someone@example.com",
+        "x-custom+scheme.1:whatever",
+    ],
+)
+def test_redirect_refuses_every_scheme_but_http_and_https(location: str) -> None:
+    with pytest.raises(ValueError, match="redirect") as info:
+        SSE.redirect(location)
+    assert "http" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "/next",
+        "next",
+        "?page=2",
+        "#top",
+        "",
+        "https://example.com/a?b=1",
+        "HTTP://example.com/",
+        "  https://example.com/",
+        "//example.com/path",
+        "/javascript:alert(1)",  # a path, not a scheme
+        "./javascript:alert(1)",
+        "1javascript:alert(1)",  # a scheme starts with a letter: this is a relative path
+        "java script:alert(1)",  # a space ends the scheme: a relative path
+        "\u00a0javascript:alert(1)",  # browsers strip only C0 controls and ASCII space
+    ],
+)
+def test_redirect_accepts_http_https_and_relative_urls(location: str) -> None:
+    assert js_string(location) in SSE.redirect(location)
+
+
+def test_an_event_id_with_nul_is_refused() -> None:
+    # Found by tests/test_fuzz.py: browsers ignore an "id" field that holds NUL, so the
+    # event went out without its id and a reconnecting client sent a stale Last-Event-ID.
+    with pytest.raises(ValueError, match="NUL"):
+        SSE.patch_elements("<i id=i></i>", event_id="a\x00b")
+    with pytest.raises(ValueError, match="NUL"):
+        SSE.patch_signals({"a": 1}, event_id="\x00")
+
+
+@pytest.mark.parametrize("value", ["\ud800", "a\udfffb", "\udc00\ud800"])
+def test_js_string_escapes_a_lone_surrogate(value: str) -> None:
+    # Found by tests/test_fuzz.py: the raw surrogate made the literal impossible to write
+    # as UTF-8, so a page or event that held it failed to encode. Escaped, it is the same
+    # JavaScript string.
+    literal = js_string(value)
+    literal.encode("utf-8")
+    assert json.loads(literal) == value
+    assert SSE.console_log(value).encode("utf-8")
