@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
@@ -25,6 +26,8 @@ from .stream import (
 __all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
 
 P = ParamSpec("P")
+# RFC 9110's token: what a header name is made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: A stream view: called with the stream first, then the view's URL arguments.
 StreamView = Callable[Concatenate[Stream, P], Any]
 
@@ -110,6 +113,14 @@ class DatastarResponse(Response):
         self.datastar_stream: Stream | None = None
         all_headers = dict(self.default_headers)
         if headers:
+            for name in headers:
+                if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                    # Werkzeug checks values for line breaks, not names: a name with one
+                    # would write a header of the caller's choosing (found by fuzzing).
+                    raise ValueError(
+                        f"{name!r} is not a valid HTTP header name: use letters, digits"
+                        " and !#$%&'*+-.^_`|~ only."
+                    )
             all_headers.update(headers)
         if inspect.iscoroutine(content) or inspect.isasyncgen(content):
             if inspect.iscoroutine(content):

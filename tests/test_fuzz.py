@@ -808,28 +808,21 @@ def test_any_query_string_is_a_200_400_or_413(signals_app: tuple[Flask, Seen], r
 
 
 @fuzz(100)
-@given(
-    # A line break in a name is the known gap below (response.py's to close).
-    name=HOSTILE_TEXT.filter(lambda s: not _has_newline(s)),
-    value=HOSTILE_TEXT,
-)
+@given(name=HOSTILE_TEXT, value=HOSTILE_TEXT)
 def test_a_header_cannot_carry_a_line_break(name: str, value: str) -> None:
     try:
         response = DatastarResponse("", headers={name: value})
     except ValueError as e:
-        assert _has_newline(value) and "newline" in str(e)
+        assert "not a valid HTTP header name" in str(e) or (
+            _has_newline(value) and "newline" in str(e)
+        )
         return
     for key, item in response.headers.to_wsgi_list():
         assert not set("\r\n") & set(key + item)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by fuzzing: a CR/LF in a header name passes DatastarResponse"
-    " and werkzeug, and the development server writes it as it is (response.py's to fix)",
-)
 def test_a_line_break_in_a_header_name_is_refused() -> None:
-    with pytest.raises(ValueError):
-        response = DatastarResponse("", headers={"X-A: 1\r\nSet-Cookie": "evil=1"})
-        for key, _ in response.headers.to_wsgi_list():
-            assert "\n" not in key
+    """Found by fuzzing: Werkzeug checks header values, not names; the development
+    server then wrote an injected ``Set-Cookie`` line."""
+    with pytest.raises(ValueError, match="not a valid HTTP header name"):
+        DatastarResponse("", headers={"X-A: 1\r\nSet-Cookie": "evil=1"})
