@@ -684,13 +684,28 @@ class Stream:
                     self._end_locked(str(e), abort=True)
 
     def _abort_connection(self) -> None:
-        """Cut the connection so the client sees an abrupt end and reconnects."""
+        """Cut the connection so the client sees an abrupt end and reconnects.
+
+        The server's next write on the socket (gunicorn's terminating chunk) must then
+        fail with ``EPIPE``, which it ignores quietly, and at once.
+        """
         sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if not isinstance(sock, socket.socket):
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the kernel has already given up on the connection: see below
+        # A connection that TCP_USER_TIMEOUT ended (a window shut for send_timeout) keeps
+        # ETIMEDOUT pending, and the next write reports it instead of EPIPE: gunicorn
+        # logs that as an error, with a traceback. Without the user timeout, no new
+        # ETIMEDOUT can come before that write (on_disconnect hooks run in between);
+        # then reading SO_ERROR clears one that came already.
+        self._bound_unacknowledged_data(bound=False)
+        try:
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            pass
 
     def _run(self, handler: Handler) -> Iterator[bytes]:
         """The response iterator: drive *handler* and hand bytes to the server."""
@@ -935,9 +950,7 @@ class Stream:
                 self._abort_connection()
             else:
                 self._bound_unacknowledged_data(bound=False)
-            log.debug(
-                "flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly"
-            )
+            log.debug("flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly")
         finally:
             self._disconnect()
 

@@ -463,3 +463,45 @@ def test_a_clean_end_gives_the_kept_alive_connection_its_default_user_timeout() 
             assert len(list(stream.events(timeout=10))) == 4  # a clean end
             stream.request("GET", "/user-timeout")
             assert json.loads(stream.read_body(timeout=10)) == {"ms": 0}
+
+
+# -- found by the torture test: ends on a connection the kernel has given up on -----------
+
+
+def wait_for_request_end(server: GunicornServer, timeout: float = 30.0) -> str:
+    """Wait until gunicorn (at debug level) has logged how a failed response ended; return
+    the log."""
+
+    def ended() -> str:
+        log = server.log_text()
+        return log if "Socket error" in log or "Ignoring" in log else ""
+
+    text: str = wait_for(ended, timeout)
+    assert text, "gunicorn never finished the response"
+    return text
+
+
+@pytest.mark.live
+def test_a_connection_the_kernel_timed_out_ends_without_a_server_error() -> None:
+    """A client whose window stays shut is given up by the kernel after ``send_timeout``
+    (TCP_USER_TIMEOUT), with ETIMEDOUT pending on the socket. The stream then ends
+    abruptly, but shutting down a connection that is already dead fails, and gunicorn's
+    terminating chunk met the ETIMEDOUT, which it logged as an error with a traceback
+    (the torture test's rare 'TimeoutError ... in write_chunk', from slow clients)."""
+    env = {
+        "FLASK_DATASTAR_SEND_TIMEOUT": "1",
+        "FLASK_DATASTAR_HEARTBEAT": "30",
+    }
+    with GunicornServer(APP, threads=4, env=env, extra_args=["--log-level", "debug"]) as server:
+        with RawHTTPStream(server.port, "/sse", rcvbuf=4096) as stream:
+            assert stream.status == 200
+            wait_for(lambda: get_json(server, "/stats")["registered"] == 1)
+            # More than the client's window, less than the server's send buffer: no
+            # backlog (whose flush would meet the error first), and the window shuts.
+            for _ in range(2):
+                assert post(f"{server.url}/click?pad=6000")[0] == 204
+            # The client reads nothing from now on.
+            reasons = wait_for(lambda: get_json(server, "/stats")["disconnects"], timeout=30)
+            assert reasons, "the stream never ended"
+            log = wait_for_request_end(server)
+    assert "Traceback" not in log and "Socket error" not in log, log[-3000:]
