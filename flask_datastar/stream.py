@@ -50,6 +50,7 @@ from .transport import (
     SocketTransport,
     SocketWatcher,
     TransportClosed,
+    acknowledged,
     direct_socket,
     wait_writable,
 )
@@ -683,14 +684,19 @@ class Stream:
                 except TransportClosed as e:
                     self._end_locked(str(e), abort=True)
 
+    def _client_socket(self) -> socket.socket | None:
+        """The client's socket, where the WSGI server tells it."""
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        return sock if isinstance(sock, socket.socket) else None
+
     def _abort_connection(self) -> None:
         """Cut the connection so the client sees an abrupt end and reconnects.
 
         The server's next write on the socket (gunicorn's terminating chunk) must then
         fail with ``EPIPE``, which it ignores quietly, and at once.
         """
-        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
-        if not isinstance(sock, socket.socket):
+        sock = self._client_socket()
+        if sock is None:
             return
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -712,6 +718,7 @@ class Stream:
         self._started = True
         self._owner = threading.get_ident()
         handler_iter: Iterator[HandlerItem] | None = None
+        server_ends = True  # the server writes the response's end after the last chunk
         try:
             self._bound_unacknowledged_data()
             with self._lock:
@@ -726,6 +733,7 @@ class Stream:
             # Opened while the process stops: its first state, then to another worker.
             yield from self._loop(handler_iter, leave=_draining[0])
         except GeneratorExit:
+            server_ends = False  # a write failed, or the server stops: it writes no end
             self._end("the server closed the response", abort=False)
             raise
         except BaseException as e:
@@ -736,7 +744,7 @@ class Stream:
                 if handler_iter is not None and hasattr(handler_iter, "close"):
                     self._close_handler(handler_iter)
             finally:
-                self._finish()
+                self._finish(server_ends)
 
     def _close_handler(self, steps: Iterator[HandlerItem]) -> None:
         """Close the handler, so its ``finally`` and ``with`` blocks run.
@@ -936,7 +944,13 @@ class Stream:
                 except StreamClosed:
                     pass
 
-    def _finish(self) -> None:
+    def _finish(self, server_ends: bool = True) -> None:
+        """End the connection's part of the stream, then run the ``on_disconnect`` hooks.
+
+        :param server_ends: the server writes the response's end next (its
+            terminating chunk, with a blocking send), so a clean end first makes
+            sure that this send can neither wait nor fail.
+        """
         try:
             transport = self._transport
             if isinstance(transport, SocketTransport):
@@ -945,6 +959,13 @@ class Stream:
                 if not clean:
                     # A partial chunk may be on the wire: the response must not look
                     # complete, so gunicorn's terminating chunk must fail.
+                    self._abort = True
+            elif not self._abort and server_ends:
+                # The queue path: the server has written every chunk, with blocking
+                # sends; the client may have stopped reading, or the kernel may have
+                # given up on it (TCP_USER_TIMEOUT) with ETIMEDOUT pending.
+                sock = self._client_socket()
+                if sock is not None and not acknowledged(sock, self.config.send_timeout):
                     self._abort = True
             if self._abort:
                 self._abort_connection()

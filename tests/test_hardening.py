@@ -505,3 +505,30 @@ def test_a_connection_the_kernel_timed_out_ends_without_a_server_error() -> None
             assert reasons, "the stream never ended"
             log = wait_for_request_end(server)
     assert "Traceback" not in log and "Socket error" not in log, log[-3000:]
+
+
+@pytest.mark.live
+def test_a_clean_end_on_the_queue_path_checks_the_connection_first() -> None:
+    """On the queue path gunicorn writes every chunk, and the terminating one, with a
+    blocking send. A clean end on a connection the kernel has given up on (a client
+    whose window stayed shut for ``send_timeout``) made that send report ETIMEDOUT,
+    which gunicorn logged as an error; on a live client that stopped reading it could
+    wait for ever. The end is abrupt there, and quiet."""
+    env = {
+        "FLASK_DATASTAR_DIRECT_WRITES": "false",
+        "FLASK_DATASTAR_SEND_TIMEOUT": "1",
+        "FLASK_DATASTAR_HEARTBEAT": "30",
+    }
+    with GunicornServer(APP, threads=4, env=env, extra_args=["--log-level", "debug"]) as server:
+        with RawHTTPStream(server.port, "/sse", rcvbuf=4096) as stream:
+            assert stream.status == 200
+            wait_for(lambda: get_json(server, "/stats")["registered"] == 1)
+            for _ in range(2):  # more than the window, less than the send buffer
+                assert post(f"{server.url}/click?pad=6000")[0] == 204
+            # The client reads nothing; the kernel gives its connection up (TCP_CLOSE).
+            closed = wait_for(lambda: get_json(server, "/stats")["tcp_states"] == [7], 30)
+            assert closed, get_json(server, "/stats")
+            assert post(f"{server.url}/close-all")[0] == 204  # a clean end
+            log = wait_for_request_end(server)
+            assert get_json(server, "/stats")["disconnects"] == ["closed by the server"]
+    assert "Traceback" not in log and "Socket error" not in log, log[-3000:]
