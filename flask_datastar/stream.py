@@ -50,6 +50,7 @@ from .transport import (
     SocketTransport,
     SocketWatcher,
     TransportClosed,
+    acknowledged,
     direct_socket,
     wait_writable,
 )
@@ -711,20 +712,41 @@ class Stream:
                 except TransportClosed as e:
                     self._end_locked(str(e), abort=True)
 
-    def _abort_connection(self) -> None:
-        """Cut the connection so the client sees an abrupt end and reconnects."""
+    def _client_socket(self) -> socket.socket | None:
+        """The client's socket, where the WSGI server tells it."""
         sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        return sock if isinstance(sock, socket.socket) else None
+
+    def _abort_connection(self) -> None:
+        """Cut the connection so the client sees an abrupt end and reconnects.
+
+        The server's next write on the socket (gunicorn's terminating chunk) must then
+        fail with ``EPIPE``, which it ignores quietly, and at once.
+        """
+        sock = self._client_socket()
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the kernel has already given up on the connection: see below
+        # A connection that TCP_USER_TIMEOUT ended (a window shut for send_timeout) keeps
+        # ETIMEDOUT pending, and the next write reports it instead of EPIPE: gunicorn
+        # logs that as an error, with a traceback. Without the user timeout, no new
+        # ETIMEDOUT can come before that write (on_disconnect hooks run in between);
+        # then reading SO_ERROR clears one that came already.
+        self._bound_unacknowledged_data(bound=False)
+        try:
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            pass
 
     def _run(self, handler: Handler) -> Iterator[bytes]:
         """The response iterator: drive *handler* and hand bytes to the server."""
         self._started = True
         self._owner = threading.get_ident()
         handler_iter: Iterator[HandlerItem] | None = None
+        server_ends = True  # the server writes the response's end after the last chunk
         try:
             self._bound_unacknowledged_data()
             with self._lock:
@@ -739,6 +761,7 @@ class Stream:
             # Opened while the process stops: its first state, then to another worker.
             yield from self._loop(handler_iter, leave=_draining[0])
         except GeneratorExit:
+            server_ends = False  # a write failed, or the server stops: it writes no end
             self._end("the server closed the response", abort=False)
             raise
         except BaseException as e:
@@ -749,7 +772,7 @@ class Stream:
                 if handler_iter is not None and hasattr(handler_iter, "close"):
                     self._close_handler(handler_iter)
             finally:
-                self._finish()
+                self._finish(server_ends)
 
     def _close_handler(self, steps: Iterator[HandlerItem]) -> None:
         """Close the handler, so its ``finally`` and ``with`` blocks run.
@@ -949,7 +972,13 @@ class Stream:
                 except StreamClosed:
                     pass
 
-    def _finish(self) -> None:
+    def _finish(self, server_ends: bool = True) -> None:
+        """End the connection's part of the stream, then run the ``on_disconnect`` hooks.
+
+        :param server_ends: the server writes the response's end next (its
+            terminating chunk, with a blocking send), so a clean end first makes
+            sure that this send can neither wait nor fail.
+        """
         try:
             transport = self._transport
             if isinstance(transport, SocketTransport):
@@ -959,13 +988,18 @@ class Stream:
                     # A partial chunk may be on the wire: the response must not look
                     # complete, so gunicorn's terminating chunk must fail.
                     self._abort = True
+            elif not self._abort and server_ends:
+                # The queue path: the server has written every chunk, with blocking
+                # sends; the client may have stopped reading, or the kernel may have
+                # given up on it (TCP_USER_TIMEOUT) with ETIMEDOUT pending.
+                sock = self._client_socket()
+                if sock is not None and not acknowledged(sock, self.config.send_timeout):
+                    self._abort = True
             if self._abort:
                 self._abort_connection()
             else:
                 self._bound_unacknowledged_data(bound=False)
-            log.debug(
-                "flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly"
-            )
+            log.debug("flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly")
         finally:
             self._disconnect()
 

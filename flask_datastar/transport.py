@@ -39,6 +39,7 @@ __all__ = [
     "SocketTransport",
     "SocketWatcher",
     "TransportClosed",
+    "acknowledged",
     "direct_socket",
     "wait_writable",
 ]
@@ -77,12 +78,19 @@ def _encode(text: str) -> bytes:
         return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
-def _unacknowledged(sock: socket.socket) -> int:
-    """Bytes written to *sock* that its peer has not acknowledged yet (Linux's SIOCOUTQ)."""
+try:  # SIOCOUTQ (Linux's TIOCOUTQ on a socket); Windows has no fcntl
     import fcntl
     import termios
 
-    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - platform dependent
+    _SIOCOUTQ = None
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes written to *sock* that its peer has not acknowledged yet (Linux's SIOCOUTQ)."""
+    assert _SIOCOUTQ is not None
+    raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
     return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
@@ -321,25 +329,41 @@ class SocketTransport:
             return False  # the client left meanwhile: an unclean end, not a server error
         if self.closed:
             return False
-        # The server writes its terminating chunk next, with a blocking send, and the
-        # connection may carry more requests: that is safe only with a client that
-        # takes what it is sent. One that stopped reading would hold that send until
-        # the TCP user timeout and end in an error the server logs. So wait until the
-        # client has acknowledged every byte (a round trip for a live client).
-        pause = 0.001
-        while True:
-            try:
-                if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    return False
-                if _unacknowledged(self.sock) == 0:
-                    return True
-            except OSError:
+        # The server writes its terminating chunk next: see acknowledged().
+        return acknowledged(self.sock, deadline - time.monotonic())
+
+
+def acknowledged(sock: socket.socket, timeout: float) -> bool:
+    """Wait up to *timeout* seconds for the client to acknowledge every byte sent to *sock*.
+
+    Return whether it did, with no error pending on the socket: then the server's
+    terminating chunk goes out at once, and the connection may carry more requests.
+    A client that stopped reading would hold that blocking send (for ever, once the
+    stream has given the connection its default user timeout back), or the send
+    would report the ETIMEDOUT of a connection the kernel gave up on, which the
+    server logs as an error. ``True`` where the platform cannot tell (no
+    ``SIOCOUTQ``).
+
+    :param sock: the client socket, all of whose bytes the server has written.
+    :param timeout: seconds to wait at most (a round trip, for a live client).
+    """
+    if _SIOCOUTQ is None:
+        return True
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 return False
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.1)
+            if _unacknowledged(sock) == 0:
+                return True
+        except OSError:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.1)
 
 
 def _header(headers: Any, name: str) -> bool:

@@ -484,9 +484,10 @@ class Node:
         return out["ok"]
 
     def close(self) -> None:
-        assert self.process.stdin is not None
+        assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.close()
         self.process.wait(timeout=10)
+        self.process.stdout.close()  # or a ResourceWarning, at whatever test GC runs in
 
 
 @pytest.fixture(scope="module")

@@ -497,3 +497,72 @@ def test_the_sync_worker_refuses_streams_with_a_message_that_says_what_to_run() 
             assert b"-k gthread" in stream.read_body(timeout=10)
         assert get_json(server, "/stats")["open"] == 0  # the worker still answers
         assert "gunicorn's sync worker serves one request at a time" in server.log_text()
+
+
+# -- found by the torture test: ends on a connection the kernel has given up on -----------
+
+
+def wait_for_request_end(server: GunicornServer, timeout: float = 30.0) -> str:
+    """Wait until gunicorn (at debug level) has logged how a failed response ended; return
+    the log."""
+
+    def ended() -> str:
+        log = server.log_text()
+        return log if "Socket error" in log or "Ignoring" in log else ""
+
+    text: str = wait_for(ended, timeout)
+    assert text, "gunicorn never finished the response"
+    return text
+
+
+@pytest.mark.live
+def test_a_connection_the_kernel_timed_out_ends_without_a_server_error() -> None:
+    """A client whose window stays shut is given up by the kernel after ``send_timeout``
+    (TCP_USER_TIMEOUT), with ETIMEDOUT pending on the socket. The stream then ends
+    abruptly, but shutting down a connection that is already dead fails, and gunicorn's
+    terminating chunk met the ETIMEDOUT, which it logged as an error with a traceback
+    (the torture test's rare 'TimeoutError ... in write_chunk', from slow clients)."""
+    env = {
+        "FLASK_DATASTAR_SEND_TIMEOUT": "1",
+        "FLASK_DATASTAR_HEARTBEAT": "30",
+    }
+    with GunicornServer(APP, threads=4, env=env, extra_args=["--log-level", "debug"]) as server:
+        with RawHTTPStream(server.port, "/sse", rcvbuf=4096) as stream:
+            assert stream.status == 200
+            wait_for(lambda: get_json(server, "/stats")["registered"] == 1)
+            # More than the client's window, less than the server's send buffer: no
+            # backlog (whose flush would meet the error first), and the window shuts.
+            for _ in range(2):
+                assert post(f"{server.url}/click?pad=6000")[0] == 204
+            # The client reads nothing from now on.
+            reasons = wait_for(lambda: get_json(server, "/stats")["disconnects"], timeout=30)
+            assert reasons, "the stream never ended"
+            log = wait_for_request_end(server)
+    assert "Traceback" not in log and "Socket error" not in log, log[-3000:]
+
+
+@pytest.mark.live
+def test_a_clean_end_on_the_queue_path_checks_the_connection_first() -> None:
+    """On the queue path gunicorn writes every chunk, and the terminating one, with a
+    blocking send. A clean end on a connection the kernel has given up on (a client
+    whose window stayed shut for ``send_timeout``) made that send report ETIMEDOUT,
+    which gunicorn logged as an error; on a live client that stopped reading it could
+    wait for ever. The end is abrupt there, and quiet."""
+    env = {
+        "FLASK_DATASTAR_DIRECT_WRITES": "false",
+        "FLASK_DATASTAR_SEND_TIMEOUT": "1",
+        "FLASK_DATASTAR_HEARTBEAT": "30",
+    }
+    with GunicornServer(APP, threads=4, env=env, extra_args=["--log-level", "debug"]) as server:
+        with RawHTTPStream(server.port, "/sse", rcvbuf=4096) as stream:
+            assert stream.status == 200
+            wait_for(lambda: get_json(server, "/stats")["registered"] == 1)
+            for _ in range(2):  # more than the window, less than the send buffer
+                assert post(f"{server.url}/click?pad=6000")[0] == 204
+            # The client reads nothing; the kernel gives its connection up (TCP_CLOSE).
+            closed = wait_for(lambda: get_json(server, "/stats")["tcp_states"] == [7], 30)
+            assert closed, get_json(server, "/stats")
+            assert post(f"{server.url}/close-all")[0] == 204  # a clean end
+            log = wait_for_request_end(server)
+            assert get_json(server, "/stats")["disconnects"] == ["closed by the server"]
+    assert "Traceback" not in log and "Socket error" not in log, log[-3000:]

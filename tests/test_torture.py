@@ -47,6 +47,16 @@ The short run is part of the normal suite. A long run, or a replay of a failure:
 The seed is printed (``-s`` shows it) and quoted by every failure; the same seed makes
 the same decisions (which clients, commands and leaving methods, and when), while the
 thread scheduling stays the machine's.
+
+Diagnostics, for a failure that a seed does not replay: ``TORTURE_DEBUG=1`` makes the
+app write flask_datastar's debug log into the server log, with two lines per stream
+end: the library's (path, reason, whether it ended cleanly or abruptly) and the app's
+(the client id and kind, path and reason), so that a traceback the failure quotes can
+be matched with the client it came from (``GunicornServer.log_text()`` has the whole
+log while the server runs); ``TORTURE_WITHOUT=empty,fdpad`` leaves parts of the attack
+out (see ``WITHOUT``)::
+
+    TORTURE_DEBUG=1 pytest tests/test_torture.py -k 1worker -s
 """
 
 from __future__ import annotations

@@ -191,12 +191,21 @@ def oneshot() -> Any:
     return sse_response(handler)
 
 
+def tcp_state(gen: Stream) -> int | None:
+    """The kernel's TCP state of the stream's connection (1 established, 7 closed)."""
+    sock = gen.environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket) or sock.fileno() == -1:
+        return None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
 @app.get("/stats")
 def stats() -> Any:
     return jsonify(
         pid=os.getpid(),
         registered=len(clients),
         open=len(open_streams()),
+        tcp_states=[tcp_state(gen) for gen in open_streams()],
         disconnects=disconnects,
         threads=threading.active_count(),
         thread_names=sorted(t.name for t in threading.enumerate()),

@@ -33,15 +33,18 @@ Every command answers ``{"pid": worker pid, ...}``. Settings come from the envir
 ``FLASK_DATASTAR_*`` (the library's configuration), ``TORTURE_ROOMS`` (how many rooms),
 ``TORTURE_FD_PAD`` (that many ``/dev/null`` descriptors are opened at start, so client
 sockets get descriptor numbers above 1024 with few connections, as in a worker holding
-a thousand tabs).
+a thousand tabs), ``TORTURE_DEBUG`` (when set, flask_datastar's debug log goes to the
+server log).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +60,9 @@ from flask_datastar import (
     open_streams,
 )
 from flask_datastar.stream import process_stream_limit
+
+log = logging.getLogger("flask_datastar")
+DEBUG = bool(os.environ.get("TORTURE_DEBUG"))
 
 app = Flask(__name__)
 app.config.from_prefixed_env()
@@ -142,6 +148,15 @@ def connect(gen: Stream) -> None:
 
 def disconnect(gen: Stream) -> None:
     cid = _query(gen).get("cid", "?")
+    if DEBUG:
+        # Names the client, which flask_datastar's own line about the end cannot.
+        log.debug(
+            "torture: %s (%s) on the %s path ended: %s",
+            cid,
+            _query(gen).get("kind"),
+            gen.path,
+            gen.close_reason,
+        )
     with lock:
         if connects[cid] != 1 or disconnects[cid]:
             anomalies.append(
@@ -285,11 +300,11 @@ def stats() -> Any:
         **counts,
     )
 
-if os.environ.get("TORTURE_DEBUG"):  # temporary diagnostics
-    import logging
-    import sys as _sys
 
-    _h = logging.StreamHandler(_sys.stderr)
-    _h.setFormatter(logging.Formatter("%(asctime)s DEBUG %(message)s"))
-    logging.getLogger("flask_datastar").addHandler(_h)
-    logging.getLogger("flask_datastar").setLevel(logging.DEBUG)
+if DEBUG:
+    # A diagnostic (see tests/test_torture.py): flask_datastar's debug log, one line per
+    # stream end among others, goes to stderr, which is the gunicorn log.
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(asctime)s DEBUG %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.DEBUG)
