@@ -306,7 +306,12 @@ def test_identities_and_revocation_across_three_workers(
     env = {"FLASK_DATASTAR_REDIS_URL": redis_server.url}
     try:
         with GunicornServer(
-            "identity_app:app", workers=3, threads=24, cwd=tmp_path, env=env
+            # More threads than tabs: gunicorn may hand most of them to one worker.
+            "identity_app:app",
+            workers=3,
+            threads=60,
+            cwd=tmp_path,
+            env=env,
         ) as server:
             workers = set(server.worker_pids())
             # Alice's tabs on every worker, Bob's beside them.
