@@ -68,7 +68,7 @@ T = TypeVar("T")
 class CSRFError(Forbidden):
     """A state-changing request that may come from another site's page: a 403.
 
-    Its :attr:`description` says what the request lacked. Register an error
+    Its ``description`` says what the request lacked. Register an error
     handler for it (``@app.errorhandler(CSRFError)``) to answer in your own way.
     """
 
