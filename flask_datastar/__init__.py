@@ -5,7 +5,8 @@ The wire format is in :mod:`flask_datastar.sse`, the stream in
 :mod:`flask_datastar.transport`, the connection registry in
 :mod:`flask_datastar.registry`, broadcasts across processes in
 :mod:`flask_datastar.bus`, the Datastar client's script tag and
-``flask datastar`` commands in :mod:`flask_datastar.client`, and the Flask glue in
+``flask datastar`` commands in :mod:`flask_datastar.client`, the CSRF check in
+:mod:`flask_datastar.guards`, and the Flask glue in
 :mod:`flask_datastar.extension` and :mod:`flask_datastar.response`.
 """
 
@@ -38,6 +39,7 @@ from .client import (
     datastar_url,
 )
 from .extension import DatastarConfig, FlaskDatastar, RegistryHandle
+from .guards import CSRFError, csrf_exempt
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
 from .signals import dumps_signals, is_datastar_request, read_signals
@@ -65,6 +67,7 @@ __all__ = [
     "AttributeGenerator",
     "Bus",
     "BusError",
+    "CSRFError",
     "DatastarConfig",
     "DatastarEvent",
     "DatastarResponse",
@@ -83,6 +86,7 @@ __all__ = [
     "attribute_generator",
     "close_all_streams",
     "consts",
+    "csrf_exempt",
     "datastar_response",
     "datastar_script",
     "datastar_url",

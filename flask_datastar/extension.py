@@ -6,11 +6,11 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import actions, client
+from . import actions, client, guards
 from .registry import LINGER, SSERegistry
 from .response import Authorize, DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["DatastarConfig", "FlaskDatastar", "RegistryHandle"]
 
 P = ParamSpec("P")
+T = TypeVar("T")
 
 #: The registry in which every stream that has an identity is filed, so that
 #: :meth:`FlaskDatastar.revoke` reaches it in every process.
@@ -48,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_JS_URL": None,
     "DATASTAR_JS_INTEGRITY": None,
     "DATASTAR_REDIS_URL": None,
+    "DATASTAR_CSRF": True,
+    "DATASTAR_CSRF_EXEMPT": (),
+    "DATASTAR_TRUSTED_ORIGINS": (),
 }
 
 
@@ -69,6 +73,12 @@ class DatastarConfig:
     js_url: str | None
     js_integrity: str | None
     redis_url: str | None
+    #: ``"all"``, ``"signals"`` or ``"off"``: see :mod:`flask_datastar.guards`.
+    csrf: guards.CSRFMode = "all"
+    #: Endpoint and blueprint names the CSRF check skips.
+    csrf_exempt: frozenset[str] = frozenset()
+    #: Other origins (``scheme://host[:port]``) whose pages may send commands.
+    trusted_origins: frozenset[str] = frozenset()
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -93,6 +103,9 @@ class DatastarConfig:
             js_url=config["DATASTAR_JS_URL"] or None,
             js_integrity=_integrity(config["DATASTAR_JS_INTEGRITY"]),
             redis_url=config["DATASTAR_REDIS_URL"] or None,
+            csrf=guards.parse_csrf_mode(config["DATASTAR_CSRF"]),
+            csrf_exempt=guards.parse_names(config["DATASTAR_CSRF_EXEMPT"]),
+            trusted_origins=guards.parse_origins(config["DATASTAR_TRUSTED_ORIGINS"]),
         )
 
 
@@ -206,6 +219,9 @@ class FlaskDatastar:
             # registry of the app gets its first stream there.
             state.bus = RedisBus(config.redis_url)
         app.extensions["datastar"] = state
+        if config.csrf == "all":
+            # With "signals", read_signals() alone checks.
+            app.before_request(guards.check_csrf)
         app.cli.add_command(client.cli)
         app.jinja_env.globals.update(
             datastar_url=client.datastar_url,
@@ -471,6 +487,20 @@ class FlaskDatastar:
             on_connect=on_connect, on_disconnect=on_disconnect, authorize=authorize
         )
         return decorate(view) if view is not None else decorate
+
+    @staticmethod
+    def csrf_exempt(view: T) -> T:
+        """Exempt a view function, or every view of a blueprint, from the CSRF check.
+
+        The same as :func:`flask_datastar.guards.csrf_exempt`::
+
+            @app.post("/webhooks/stripe")
+            @datastar.csrf_exempt
+            def stripe_webhook(): ...
+
+        :param view: a view function or a :class:`flask.Blueprint`.
+        """
+        return guards.csrf_exempt(view)
 
 
 class RegistryHandle:

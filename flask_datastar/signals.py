@@ -11,7 +11,9 @@ from typing import Any
 
 from flask import current_app, has_app_context, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
+
+from .guards import check_csrf
 
 from .sse import _dumps_json, _find_not_finite, _not_finite_error
 
@@ -238,12 +240,23 @@ def read_signals() -> dict[str, Any]:
     """Return the signals sent with the current request as a dict.
 
     ``GET``, ``HEAD`` and ``DELETE`` requests carry them as JSON in the
-    ``datastar`` query parameter; other methods as a JSON body. A request
-    without signals gives ``{}``, and so does a form post (``contentType:
-    'form'``), whose fields are in :attr:`flask.Request.form`. Signals whose
-    name starts with ``_`` are never sent by the client. The result is parsed
-    once per request; later calls return the same dict.
+    ``datastar`` query parameter; other methods as a body of type
+    ``application/json``. A request without signals gives ``{}``, and so does
+    a form post (``contentType: 'form'``), whose fields are in
+    :attr:`flask.Request.form`. Signals whose name starts with ``_`` are never
+    sent by the client. The result is parsed once per request; later calls
+    return the same dict.
 
+    A ``POST``, ``PUT``, ``PATCH`` or ``DELETE`` request must first pass the
+    CSRF check (:func:`flask_datastar.guards.check_csrf`), unless
+    ``DATASTAR_CSRF`` is off or the view is exempt.
+
+    :raises flask_datastar.guards.CSRFError: the request may come from
+        another site's page (a 403).
+    :raises werkzeug.exceptions.UnsupportedMediaType: the body is not empty
+        and its ``Content-Type`` is neither ``application/json`` nor a form
+        type: ``text/plain``, which any page can post to another site, is
+        refused rather than read as JSON.
     :raises werkzeug.exceptions.BadRequest: the signals are not valid UTF-8,
         not valid JSON, nested too deeply, not a JSON object, or hold a lone
         UTF-16 surrogate (``"\\ud800"``) in a key or a string: it is no text,
@@ -258,6 +271,7 @@ def read_signals() -> dict[str, Any]:
     :raises werkzeug.exceptions.RequestEntityTooLarge: the body is larger than
         ``DATASTAR_MAX_SIGNALS_BYTES``.
     """
+    check_csrf(from_signals=True)
     cached = request.environ.get(_ENVIRON_KEY)
     if cached is None:
         cached = request.environ[_ENVIRON_KEY] = _read_signals()
@@ -285,6 +299,9 @@ def _read_signals() -> dict[str, Any]:
         return _parse(raw, "the 'datastar' query parameter")
     if request.mimetype in _FORM_TYPES:
         return {}
+    json_body = request.mimetype == "application/json"
+    if not json_body and request.content_length:
+        raise _not_json()
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge(
             f"The request body of {request.content_length} bytes is larger than the limit of"
@@ -302,4 +319,16 @@ def _read_signals() -> dict[str, Any]:
         )
     if not body.strip():
         return {}
+    if not json_body:
+        raise _not_json()
     return _parse(body, "the request body")
+
+
+def _not_json() -> UnsupportedMediaType:
+    sent = f"is of type '{request.mimetype}'" if request.mimetype else "has no Content-Type"
+    return UnsupportedMediaType(
+        f"The request body {sent}, but Datastar signals are read only from an"
+        " 'application/json' body, as Datastar's actions send them: set 'Content-Type:"
+        " application/json', or send a form ('multipart/form-data' or"
+        " 'application/x-www-form-urlencoded') and read it from request.form."
+    )

@@ -54,5 +54,7 @@ def app() -> Flask:
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
-    """The Flask test client of ``app``."""
-    return app.test_client()
+    """The Flask test client of ``app``, sending ``Datastar-Request: true`` as Datastar does."""
+    client = app.test_client()
+    client.environ_base["HTTP_DATASTAR_REQUEST"] = "true"
+    return client

@@ -1073,12 +1073,14 @@ def post(
     *,
     body: bytes | None = None,
     method: str = "POST",
+    datastar: bool = True,
 ) -> tuple[int, HeaderDict, bytes]:
     """Send a request with urllib and return its status, headers and body.
 
     Error statuses are returned, not raised, and redirects are not followed, so tests
     can assert on them. Proxies from the environment are ignored and HTTPS certificates
-    are not verified: this talks to loopback test servers only.
+    are not verified: this talks to loopback test servers only. Like Datastar's actions,
+    it sends ``Datastar-Request: true``, which the app's CSRF check requires.
 
     :param url: The full URL.
     :param json: An object to send as JSON (``Content-Type: application/json``).
@@ -1086,8 +1088,12 @@ def post(
     :param timeout: Seconds for the whole exchange.
     :param body: Raw bytes to send instead of ``json``, such as invalid JSON.
     :param method: The request method.
+    :param datastar: Send ``Datastar-Request: true``; ``False`` for a request as a
+        page of another site could make a browser send.
     """
     request_headers = dict(headers or {})
+    if datastar:
+        request_headers.setdefault("Datastar-Request", "true")
     data = body
     if json is not None and body is None:
         data = jsonlib.dumps(json).encode()

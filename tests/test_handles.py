@@ -24,6 +24,8 @@ from tests.helpers import RedisServer, require_module
 
 datastar = FlaskDatastar()
 clients = datastar.registry_handle("clients", linger=0.05)
+#: What Datastar's actions send, and the app's CSRF check requires.
+DATASTAR = {"Datastar-Request": "true"}
 
 bp = Blueprint("poll", __name__)
 
@@ -126,9 +128,9 @@ def test_streams_registered_through_the_handle_get_their_apps_broadcasts(
         assert next(stream_two).elements == '<p id="state">connected</p>'
         assert len(clients.for_app(one)) == 1 and len(clients.for_app(two)) == 1
 
-        assert one.test_client().post("/say?text=hi").status_code == 204
+        assert one.test_client().post("/say?text=hi", headers=DATASTAR).status_code == 204
         assert clients.for_app(one).flush()
-        assert two.test_client().post("/say?text=ho").status_code == 204
+        assert two.test_client().post("/say?text=ho", headers=DATASTAR).status_code == 204
         assert next(stream_one).elements == '<p id="said">one: hi</p>'
         # Had app one's broadcast reached app two's stream, it would come first.
         assert next(stream_two).elements == '<p id="said">two: ho</p>'

@@ -111,7 +111,7 @@ def test_leave_everything_open(datastar_stream, datastar_live_server):
     readers = [datastar_stream(client, "/sse") for _ in range(3)]
     for reader in readers:
         assert reader.next_event(timeout=2).elements == '<p id="a">0</p>'
-    assert client.post("/say").status_code == 204
+    assert client.post("/say", headers={"Datastar-Request": "true"}).status_code == 204
     for reader in readers:
         assert reader.next_event(timeout=2).signals == {"said": 1}
     with pytest.raises(TimeoutError):
@@ -140,7 +140,7 @@ def test_a_stream_that_failed_unread(datastar_stream):
 
 def test_cleanup_alone(datastar_cleanup):
     app, clients = make_app()
-    app.test_client().post("/say")
+    app.test_client().post("/say", headers={"Datastar-Request": "true"})
     assert "flask_datastar-broadcaster-room" in datastar_threads()
 
 

@@ -327,7 +327,9 @@ class ReaderApp:
 
     @property
     def client(self) -> FlaskClient:
-        return self.app.test_client()
+        client = self.app.test_client()
+        client.environ_base["HTTP_DATASTAR_REQUEST"] = "true"  # as Datastar's actions
+        return client
 
 
 @pytest.fixture
