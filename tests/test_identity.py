@@ -75,8 +75,15 @@ def make_app() -> tuple[Flask, FlaskDatastar, SSERegistry, list[Any]]:
     return app, datastar, clients, loads
 
 
-def open_as(datastar_stream: StreamFactory, app: Flask, user: str, path: str = "/sse") -> Any:
+def datastar_client(app: Flask) -> Any:
+    """A test client that sends ``Datastar-Request: true``, as Datastar's actions do."""
     client = app.test_client()
+    client.environ_base["HTTP_DATASTAR_REQUEST"] = "true"
+    return client
+
+
+def open_as(datastar_stream: StreamFactory, app: Flask, user: str, path: str = "/sse") -> Any:
+    client = datastar_client(app)
     client.post(f"/login/{user}")
     reader = datastar_stream(client, path)
     assert reader.status_code == 200
@@ -110,11 +117,11 @@ def test_identity_is_resolved_once_in_the_view_and_reaches_only_its_tabs(
 
 def test_a_refused_stream_is_a_401_or_403_with_no_event(datastar_stream: StreamFactory) -> None:
     app, _, clients, _ = make_app()
-    anonymous = app.test_client().get("/sse")
+    anonymous = datastar_client(app).get("/sse")
     assert anonymous.status_code == 401
     assert b"event:" not in anonymous.data and b"data:" not in anonymous.data
 
-    client = app.test_client()
+    client = datastar_client(app)
     client.post("/login/bob")
     # The app-wide authorizer lets Bob open the stream, the view's own check does not.
     refused = client.get("/own")
@@ -125,10 +132,10 @@ def test_a_refused_stream_is_a_401_or_403_with_no_event(datastar_stream: StreamF
     assert len(clients) == 0
     wait_for(lambda: not open_streams(), what="the refused streams to be gone")
     # HEAD is checked as GET is (its topics are not: HEAD runs no on_connect).
-    assert app.test_client().head("/sse").status_code == 401
+    assert datastar_client(app).head("/sse").status_code == 401
     assert client.head("/own").status_code == 403
 
-    alice = app.test_client()
+    alice = datastar_client(app)
     alice.post("/login/alice")
     assert alice.get("/own").status_code == 200
     root = open_as(datastar_stream, app, "root", "/sse?topic=admin")

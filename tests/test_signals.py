@@ -394,7 +394,7 @@ def test_a_custom_json_provider_still_refuses_numbers_that_are_not_finite(
     def view() -> Any:
         return jsonify(read_signals())
 
-    rv = app.test_client().post("/r", data=body)
+    rv = datastar_client(app).post("/r", data=body, content_type="application/json")
     if token in ("NaN", "Infinity", "-Infinity"):
         assert rv.status_code == 400
         assert b"not JSON" in rv.data
@@ -406,7 +406,7 @@ def test_a_custom_json_provider_still_refuses_numbers_that_are_not_finite(
 
 def test_the_words_nan_and_infinity_in_a_string_are_text(echo: FlaskClient) -> None:
     body = {"a": "NaN", "b": "Infinity 1e999999", "c": 1e308, "d": -1.5e-400}
-    rv = echo.post("/echo", data=json.dumps(body))
+    rv = echo.post("/echo", data=json.dumps(body), content_type="application/json")
     assert rv.status_code == 200
     assert rv.json["signals"] == {"a": "NaN", "b": "Infinity 1e999999", "c": 1e308, "d": -0.0}
 
@@ -422,7 +422,10 @@ def test_the_words_nan_and_infinity_in_a_string_are_text(echo: FlaskClient) -> N
 def test_an_integer_beyond_a_floats_range_is_a_400(echo: FlaskClient, number: str) -> None:
     # JavaScript reads it as Infinity; Python would keep it exact and echo it back.
     body = '{"n": ' + number + "}"
-    for rv in (echo.post("/echo", data=body), echo.get("/echo?datastar=" + quote(body))):
+    for rv in (
+        echo.post("/echo", data=body, content_type="application/json"),
+        echo.get("/echo?datastar=" + quote(body)),
+    ):
         assert rv.status_code == 400
         message = html.unescape(rv.get_data(as_text=True))
         assert "hold the number" in message and "too large for a float" in message
@@ -431,7 +434,7 @@ def test_an_integer_beyond_a_floats_range_is_a_400(echo: FlaskClient, number: st
 def test_the_largest_integer_a_float_holds_is_accepted(echo: FlaskClient) -> None:
     largest = int(sys.float_info.max)
     body = f'{{"a": {largest}, "b": -{largest}, "c": 9007199254740993}}'
-    rv = echo.post("/echo", data=body)
+    rv = echo.post("/echo", data=body, content_type="application/json")
     assert rv.status_code == 200
     assert json.loads(rv.data)["signals"] == {"a": largest, "b": -largest, "c": 2**53 + 1}
 
@@ -445,7 +448,9 @@ def test_a_custom_provider_refuses_an_integer_longer_than_pythons_limit() -> Non
         return jsonify(read_signals())
 
     digits = sys.get_int_max_str_digits()
-    rv = app.test_client().post("/r", data='{"n": ' + "7" * (digits + 1) + "}")
+    rv = datastar_client(app).post(
+        "/r", data='{"n": ' + "7" * (digits + 1) + "}", content_type="application/json"
+    )
     assert rv.status_code == 400
     message = html.unescape(rv.get_data(as_text=True))
     assert f"an integer of more than {digits} digits" in message
