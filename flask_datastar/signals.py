@@ -14,7 +14,6 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from .guards import check_csrf
-
 from .sse import _dumps_json, _find_not_finite, _not_finite_error
 
 __all__ = ["DEFAULT_MAX_SIGNALS_BYTES", "dumps_signals", "is_datastar_request", "read_signals"]
