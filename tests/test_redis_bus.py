@@ -340,7 +340,9 @@ def tabs_to_close() -> Iterator[list[Tab]]:
 
 def redis_app(redis_server: RedisServer, **options: Any) -> GunicornServer:
     options.setdefault("workers", 3)
-    options.setdefault("threads", 20)
+    # More threads than spread_tabs() opens tabs: gunicorn may hand most of them to one
+    # worker, and a worker whose threads all hold streams answers nothing more.
+    options.setdefault("threads", 48)
     return GunicornServer(
         "tests.live_apps.redis_app:app",
         env={"FLASK_DATASTAR_REDIS_URL": redis_server.url},
@@ -568,7 +570,7 @@ def test_example_app_shares_the_counter_across_workers(
 ) -> None:
     env = {"FLASK_DATASTAR_REDIS_URL": redis_server.url}
     with GunicornServer(
-        "example_app:app", workers=3, threads=20, env=env, config="gunicorn.conf.py"
+        "example_app:app", workers=3, threads=48, env=env, config="gunicorn.conf.py"
     ) as server:
 
         def worker_of(tab: Tab) -> int:
