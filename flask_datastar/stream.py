@@ -806,7 +806,7 @@ class Stream:
                 self._misused(e)
                 return None
             try:
-                self.send(result)
+                self.send(Chunk(result))  # checked above: a Chunk is not checked again
             except StreamClosed:
                 pass
             self._end("the handler returned", abort=False)
@@ -931,7 +931,7 @@ class Stream:
                     )
                 elif isinstance(item, (str, bytes)):
                     try:
-                        self.send(item)
+                        self.send(Chunk(item))  # _next_step checked it already
                     except StreamClosed:
                         pass
                 if leave is not None:
