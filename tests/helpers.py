@@ -26,10 +26,10 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -45,11 +45,13 @@ __all__ = [
     "REPO_ROOT",
     "datastar_js",
     "free_port",
+    "get_json",
     "make_self_signed_cert",
     "post",
     "process_alive",
     "require_module",
     "require_tool",
+    "wait_for",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1113,3 +1115,20 @@ def post(
     except urllib.error.HTTPError as error:
         with error:
             return error.code, HeaderDict(error.headers.items()), error.read()
+
+
+def get_json(server: GunicornServer, path: str) -> Any:
+    """GET *path* from *server* and return its JSON body."""
+    with urllib.request.urlopen(server.url + path, timeout=10) as rv:
+        return jsonlib.loads(rv.read())
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until *check* returns something truthy; return its last value either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+

@@ -13,8 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,23 +32,9 @@ from flask_datastar import (
     sse_stream,
 )
 from flask_datastar.transport import Chunk, SocketWatcher
-from tests.helpers import GunicornServer, RawHTTPStream, post
+from tests.helpers import GunicornServer, RawHTTPStream, get_json, post, wait_for
 
 APP = "tests.live_apps.streams:app"
-
-
-def get_json(server: GunicornServer, path: str) -> Any:
-    with urllib.request.urlopen(server.url + path, timeout=10) as rv:
-        return json.loads(rv.read())
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def cpu_seconds(pid: int) -> float:

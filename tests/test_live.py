@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,28 +20,15 @@ from tests.helpers import (
     ConnectionClosed,
     GunicornServer,
     RawHTTPStream,
+    get_json,
     make_self_signed_cert,
     post,
+    wait_for,
 )
 
 pytestmark = pytest.mark.live
 
 APP = "tests.live_apps.streams:app"
-
-
-def get_json(server: GunicornServer, path: str) -> Any:
-    with urllib.request.urlopen(server.url + path, timeout=10) as rv:
-        return json.loads(rv.read())
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until *check* returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def first_event(stream: RawHTTPStream) -> ServerSentEvent:

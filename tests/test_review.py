@@ -7,37 +7,26 @@ each failed before its fix. Live tests run a real gunicorn (gthread) with the ro
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
 import socket
 import struct
 import time
-import urllib.request
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from flask_datastar.transport import SocketWatcher
-from tests.helpers import ConnectionClosed, GunicornServer, RawHTTPStream, post
+from tests.helpers import (
+    ConnectionClosed,
+    GunicornServer,
+    RawHTTPStream,
+    get_json,
+    post,
+    wait_for,
+)
 
 APP = "tests.live_apps.review_app:app"
-
-
-def get_json(server: GunicornServer, path: str) -> Any:
-    with urllib.request.urlopen(server.url + path, timeout=10) as rv:
-        return json.loads(rv.read())
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 # -- hang: a handler that catches the error thrown at its yield spins forever ------------
