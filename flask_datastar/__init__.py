@@ -38,7 +38,7 @@ from .client import (
     datastar_script,
     datastar_url,
 )
-from .extension import DatastarConfig, FlaskDatastar, RegistryHandle
+from .extension import DatastarConfig, FlaskDatastar, Periodic, RegistryHandle
 from .guards import CSRFError, csrf_exempt
 from .registry import SSERegistry
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
@@ -77,6 +77,7 @@ __all__ = [
     "FlaskDatastar",
     "LocalBus",
     "RedisBus",
+    "Periodic",
     "RegistryHandle",
     "SSERegistry",
     "ServerSentEventGenerator",

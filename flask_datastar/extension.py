@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import actions, client, guards
+from . import actions, client, guards, scheduler
 from .registry import LINGER, SSERegistry
 from .response import Authorize, DatastarResponse, StreamDecorator, StreamView, sse_stream
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
@@ -19,7 +20,7 @@ from .stream import Hook, Stream, StreamConfig
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["DatastarConfig", "FlaskDatastar", "RegistryHandle"]
+__all__ = ["DatastarConfig", "FlaskDatastar", "Periodic", "RegistryHandle"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_SEND_TIMEOUT": 30.0,
     "DATASTAR_MAX_SIGNALS_BYTES": DEFAULT_MAX_SIGNALS_BYTES,
     "DATASTAR_MAX_STREAMS": None,
+    "DATASTAR_CLIENT_SHARE": 0.5,
+    "DATASTAR_RELEASE_THREADS": True,
+    "DATASTAR_SCHEDULER_THREADS": 2,
+    "DATASTAR_SLOW_STEP": 0.5,
     "DATASTAR_JS_URL": None,
     "DATASTAR_JS_INTEGRITY": None,
     "DATASTAR_REDIS_URL": None,
@@ -79,6 +84,13 @@ class DatastarConfig:
     csrf_exempt: frozenset[str] = frozenset()
     #: Other origins (``scheme://host[:port]``) whose pages may send commands.
     trusted_origins: frozenset[str] = frozenset()
+    #: The share of a process's streams one client (identity, else address) may hold.
+    client_share: float = 0.5
+    #: Streams on the direct path give their server thread back once they first pause.
+    release_threads: bool = True
+    #: The scheduler's pool threads, and the seconds after which a step is slow.
+    scheduler_threads: int = 2
+    slow_step: float = 0.5
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -106,7 +118,22 @@ class DatastarConfig:
             csrf=guards.parse_csrf_mode(config["DATASTAR_CSRF"]),
             csrf_exempt=guards.parse_names(config["DATASTAR_CSRF_EXEMPT"]),
             trusted_origins=guards.parse_origins(config["DATASTAR_TRUSTED_ORIGINS"]),
+            client_share=_share(number("DATASTAR_CLIENT_SHARE", float, 0)),
+            release_threads=_boolean(
+                config["DATASTAR_RELEASE_THREADS"], "DATASTAR_RELEASE_THREADS"
+            ),
+            scheduler_threads=number("DATASTAR_SCHEDULER_THREADS", int, 1),
+            slow_step=number("DATASTAR_SLOW_STEP", float, 0.001),
         )
+
+
+def _share(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(
+            f"DATASTAR_CLIENT_SHARE must be above 0 and at most 1 (1 turns the fair share"
+            f" off), not {value!r}."
+        )
+    return value
 
 
 def _integrity(value: Any) -> str | None:
@@ -182,6 +209,7 @@ class FlaskDatastar:
         # Weak: a handle made on the fly and dropped is not bound to later apps.
         self._handles: weakref.WeakSet[RegistryHandle] = weakref.WeakSet()
         self._handles_lock = threading.Lock()
+        self._periodic: list[Periodic] = []
         if app is not None:
             self.init_app(app)
 
@@ -210,7 +238,13 @@ class FlaskDatastar:
                 max_backlog=config.max_backlog,
                 direct_writes=config.direct_writes,
                 send_timeout=config.send_timeout,
+                release_threads=config.release_threads,
             ),
+        )
+        scheduler.configure(
+            threads=config.scheduler_threads,
+            max_threads=max(32, config.scheduler_threads),
+            slow_step=config.slow_step,
         )
         if config.redis_url:
             from .bus import RedisBus
@@ -222,6 +256,7 @@ class FlaskDatastar:
         if config.csrf == "all":
             # With "signals", read_signals() alone checks.
             app.before_request(guards.check_csrf)
+        app.before_request(self._start_periodic)
         app.cli.add_command(client.cli)
         app.jinja_env.globals.update(
             datastar_url=client.datastar_url,
@@ -467,6 +502,7 @@ class FlaskDatastar:
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        own_thread: bool = False,
     ) -> StreamDecorator: ...
     def sse(
         self,
@@ -475,6 +511,7 @@ class FlaskDatastar:
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        own_thread: bool = False,
     ) -> Any:
         """Decorate a view as a stream handler: ``@datastar.sse(on_connect=...)``.
 
@@ -482,11 +519,56 @@ class FlaskDatastar:
         ``authorize(identity)`` after the app's :meth:`authorizer`, decides
         whether this client may open this stream: a false answer is a 401 (no
         identity) or a 403, with no event, and ``on_connect`` does not run.
+        *own_thread* runs the handler on the server's thread for the stream's
+        whole life instead of the scheduler's pool, for a handler that blocks
+        between two yields (see :mod:`flask_datastar.scheduler`).
         """
         decorate = sse_stream(
-            on_connect=on_connect, on_disconnect=on_disconnect, authorize=authorize
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            authorize=authorize,
+            own_thread=own_thread,
         )
         return decorate(view) if view is not None else decorate
+
+    def every(self, seconds: float) -> Callable[[Callable[[], object]], Periodic]:
+        """Run the decorated function every *seconds*, once per process, with an app context.
+
+        For work that is the same for every tab: render once, broadcast to a
+        registry, instead of one render per tab in each tab's handler::
+
+            @datastar.every(1.0)
+            def tick():
+                clock.broadcast(SSE.patch_elements(render_clock()), coalesce="clock")
+
+        It runs on the stream scheduler's pool (see
+        :mod:`flask_datastar.scheduler`), at a fixed rate; a run that would
+        start while the previous one still runs is skipped. It starts in each
+        process (each gunicorn worker, after the fork) with that process's
+        first request to an app this extension is registered on, and runs
+        there with that app's context.
+
+        :param seconds: the period.
+        :return: a decorator; the function it returns is a
+            :class:`~flask_datastar.Periodic`,
+            still callable as before.
+        """
+        if not seconds > 0:
+            raise ValueError(f"'every' needs a period above 0 seconds, not {seconds!r}.")
+
+        def decorate(fn: Callable[[], object]) -> Periodic:
+            periodic = Periodic(seconds, fn)
+            self._periodic.append(periodic)
+            return periodic
+
+        return decorate
+
+    def _start_periodic(self) -> None:
+        """``before_request``: start this process's periodic jobs for the current app."""
+        if self._periodic:
+            app = _unproxied(current_app)
+            for periodic in self._periodic:
+                periodic.start(app)
 
     @staticmethod
     def csrf_exempt(view: T) -> T:
@@ -776,3 +858,50 @@ class RegistryHandle:
 
     def __contains__(self, gen: object) -> bool:
         return gen in self.get()
+
+
+class Periodic:
+    """A function run every *seconds* in each process, made by :meth:`FlaskDatastar.every`.
+
+    Calling it calls the function. :meth:`job` returns the
+    :class:`~flask_datastar.scheduler.PeriodicJob` running it for an app in
+    this process, to stop it or to read ``runs``.
+    """
+
+    def __init__(self, seconds: float, fn: Callable[[], object]) -> None:
+        self.seconds = seconds
+        self.fn = fn
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", "periodic")
+        self.__doc__ = fn.__doc__
+        # (process, app) -> job: a job started before a fork does not run in the child.
+        self._jobs: dict[tuple[int, int], scheduler.PeriodicJob] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self) -> object:
+        return self.fn()
+
+    def start(self, app: Flask) -> scheduler.PeriodicJob:
+        """Start it for *app* in this process, if it is not running yet; return its job."""
+        key = (os.getpid(), id(app))
+        job = self._jobs.get(key)
+        if job is not None:
+            return job
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None:
+                fn = self.fn
+
+                def run() -> None:
+                    with app.app_context():
+                        fn()
+
+                name = f"every {self.seconds:g} s: {getattr(fn, '__qualname__', fn)!s}"
+                job = scheduler.scheduler().every(self.seconds, run, name=name)
+                self._jobs[key] = job
+        return job
+
+    def job(self, app: Flask | None = None) -> scheduler.PeriodicJob | None:
+        """Return the job running it for *app* (the current app) in this process, if any."""
+        target = _unproxied(app or current_app)
+        return self._jobs.get((os.getpid(), id(target)))

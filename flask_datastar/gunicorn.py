@@ -1,16 +1,25 @@
 """Server hooks for ``gunicorn.conf.py``: admission control, and a prompt drain on stop.
 
-Under gthread every open stream holds one of the worker's ``--threads`` for
-its whole life; when all of them are taken, POST commands queue behind the
-streams forever. :func:`post_worker_init` therefore caps the streams of each
-worker at ``--threads`` less a reserve (a tenth, at least two), unless
-``DATASTAR_MAX_STREAMS`` says otherwise; a stream over the cap gets a 503.
+Under gthread a stream on the direct path gives its pool thread back once its
+handler first pauses (see :mod:`flask_datastar.stream`): what bounds
+a worker is then its file descriptors, one per open stream. A stream that
+keeps a thread (``own_thread=True``, or the portable path behind TLS or an
+HTTP/1.0 proxy) still holds one of ``--threads`` for its whole life, and when
+all of them are taken, POST commands queue behind the streams forever.
+:func:`post_worker_init` therefore:
 
-gunicorn runs no hook in a worker on SIGTERM; it stops accepting and waits up
-to ``--graceful-timeout`` for open connections, so every stream would hold
-its worker for that long and then be cut at the same moment. With these
-hooks the worker ends its streams as soon as it is told to stop, each client
-with a random retry delay so they do not all come back at once::
+- raises the worker's open-file limit to its hard limit, and caps its streams
+  at that less a reserve (``DATASTAR_MAX_STREAMS`` overrides it);
+- caps the streams that hold a thread at ``--threads`` less a reserve (a
+  tenth, at least two), keeping threads for other requests;
+- ends every stream as soon as the worker is told to stop (SIGTERM, SIGHUP's
+  reload, ``--max-requests``), each client with a random retry delay of up to
+  :data:`DRAIN_SPREAD` seconds, and turns new streams away the same way, so
+  that the tabs land on the new workers at once instead of when
+  ``--graceful-timeout`` runs out.
+
+A stream over a cap is turned away so that the Datastar client retries it by
+itself, a few seconds later (a 200 that says ``retry:`` and is then cut)::
 
     # gunicorn.conf.py
     from flask_datastar.gunicorn import post_worker_init, worker_exit
@@ -20,16 +29,31 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
-from .stream import close_all_streams, drain_streams, set_process_stream_limit
+from .stream import close_all_streams, drain_streams, open_streams, set_process_stream_limit
 
-__all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "stream_limit", "worker_exit"]
+__all__ = [
+    "DRAIN_SPREAD",
+    "post_worker_init",
+    "raise_open_file_limit",
+    "reserved_files",
+    "reserved_threads",
+    "stream_limit",
+    "stream_limits",
+    "worker_exit",
+]
 
 log = logging.getLogger(__name__)
 
-#: The longest random retry delay (seconds) given to clients of a stopping worker.
-DRAIN_SPREAD = 5.0
+#: The longest random retry delay (seconds) given to clients of a stopping worker, on
+#: top of one second: every tab is back on another worker within 1 + DRAIN_SPREAD s.
+DRAIN_SPREAD = 2.0
+
+#: How long a stopping worker waits for its streams' ends (their last bytes, their
+#: ``on_disconnect`` hooks) before it exits.
+EXIT_WAIT = 3.0
 
 
 def reserved_threads(threads: int) -> int:
@@ -37,11 +61,19 @@ def reserved_threads(threads: int) -> int:
     return min(threads - 1, max(2, threads // 10)) if threads > 1 else 0
 
 
-def stream_limit(worker_class: str, threads: int, connections: int) -> int | None:
-    """Return how many streams a worker of *worker_class* may hold, or ``None`` for no cap.
+def reserved_files(files: int) -> int:
+    """Return how many of a worker's *files* (open-file limit) are kept for other uses.
 
-    - gthread (``ThreadWorker``): ``--threads`` less :func:`reserved_threads`,
-      since every stream holds a thread;
+    Listening sockets, connections of ordinary requests, log files, Redis and
+    database connections: a tenth, at least 64.
+    """
+    return min(files - 1, max(64, files // 10)) if files > 1 else 0
+
+
+def stream_limit(worker_class: str, threads: int, connections: int) -> int | None:
+    """Return how many streams that hold a thread a worker of *worker_class* may hold.
+
+    - gthread (``ThreadWorker``): ``--threads`` less :func:`reserved_threads`;
     - gevent, eventlet and other workers with ``--worker-connections``
       (greenlets, not threads): that many connections less a tenth (at least
       two) for other requests;
@@ -59,24 +91,68 @@ def stream_limit(worker_class: str, threads: int, connections: int) -> int | Non
     return max(1, connections - max(2, connections // 10)) if connections > 1 else 1
 
 
+def stream_limits(
+    worker_class: str, threads: int, connections: int, files: int
+) -> tuple[int | None, int | None]:
+    """Return ``(streams, streams that hold a thread)`` a worker may have open.
+
+    Under gthread, streams that gave their thread back are bounded by the
+    open-file limit *files* (less :func:`reserved_files`), the others by
+    :func:`stream_limit`. Other workers: :func:`stream_limit` for both.
+
+    :param worker_class: the class name of the gunicorn worker.
+    :param threads: its ``--threads``.
+    :param connections: its ``--worker-connections``.
+    :param files: its open-file limit.
+    """
+    held = stream_limit(worker_class, threads, connections)
+    if worker_class != "ThreadWorker":
+        return held, held
+    assert held is not None
+    return max(held, files - reserved_files(files)), held
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit (soft) to its hard limit; return the new limit.
+
+    A worker whose streams hold no thread holds one file descriptor per tab:
+    the common soft limit of 1024 would cap it there.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows, where gunicorn does not run
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return int(soft)
+
+
 def post_worker_init(worker: Any) -> None:
     """Cap the worker's streams, and end them all as soon as the worker starts to stop."""
     worker_class = type(worker).__name__
     threads = int(getattr(worker.cfg, "threads", 1) or 1)
     connections = int(getattr(worker.cfg, "worker_connections", 1000) or 1000)
-    limit = stream_limit(worker_class, threads, connections)
+    files = raise_open_file_limit()
+    limit, held = stream_limits(worker_class, threads, connections, files)
     if limit == 0:
         log.warning(
             "flask_datastar: gunicorn's sync worker serves one request at a time, and a"
             " stream would hold it for good: every stream gets a 503. Run gunicorn with"
-            " '-k gthread --threads 100' (or more)."
+            " '-k gthread --threads 32' (or more)."
         )
-    set_process_stream_limit(limit)
+    set_process_stream_limit(limit, held)
 
     def watch() -> None:
         while worker.alive:
             stopping.wait(0.2)
-        # Also every stream opened from now on: gunicorn still answers requests on
+        # New streams are turned away from now on: gunicorn still answers requests on
         # kept-alive connections for a moment while it stops.
         drain_streams(spread=DRAIN_SPREAD)
 
@@ -85,5 +161,14 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """End whatever stream is still open when the worker exits."""
+    """End whatever stream is still open when the worker exits, and wait for their ends.
+
+    Streams that gave their thread back are not requests gunicorn waits for:
+    without this wait the process could exit before their last bytes and
+    their ``on_disconnect`` hooks.
+    """
+    drain_streams(spread=DRAIN_SPREAD)
     close_all_streams(reconnect=True)
+    deadline = time.monotonic() + EXIT_WAIT
+    while open_streams() and time.monotonic() < deadline:
+        time.sleep(0.02)

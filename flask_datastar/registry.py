@@ -253,6 +253,7 @@ class SSERegistry:
             if gen not in self._streams:
                 return False
             key = self._streams.pop(gen)
+            gen._registries.discard(self)
             if key is not None:
                 _index_remove(self._by_key, key, gen)
             _index_remove(self._by_identity, self._identity_of.pop(gen, None), gen)

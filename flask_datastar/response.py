@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import random
 import re
+import socket
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 
-from flask import Response, current_app, has_request_context, request, stream_with_context
+from flask import Response, current_app, has_request_context, request
 from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
 from .sse import SSE_HEADERS
@@ -19,11 +23,15 @@ from .stream import (
     Hook,
     Stream,
     StreamConfig,
+    may_release,
     process_stream_limit,
+    process_thread_limit,
     refuse_async,
 )
 
 __all__ = ["DatastarResponse", "datastar_response", "sse_response", "sse_stream"]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 # RFC 9110's token: what a header name is made of.
@@ -65,12 +73,69 @@ def _identify(authorize: Authorize | None) -> Any:
     return identity
 
 
-def _settings() -> tuple[StreamConfig, int | None]:
+@dataclass(frozen=True)
+class _Admission:
+    """The limits a new stream is checked against (see :meth:`Stream._admit`)."""
+
+    limit: int | None
+    thread_limit: int | None
+    client_share: float
+
+
+def _settings() -> tuple[StreamConfig, _Admission]:
     state = current_app.extensions.get("datastar") if has_request_context() else None
     if state is None:
-        return StreamConfig(), process_stream_limit()
+        return StreamConfig(), _Admission(process_stream_limit(), process_thread_limit(), 1.0)
     limit = state.config.max_streams
-    return state.stream_config, process_stream_limit() if limit is None else limit
+    return state.stream_config, _Admission(
+        process_stream_limit() if limit is None else limit,
+        process_thread_limit(),
+        state.config.client_share,
+    )
+
+
+def _client_key(identity: Any) -> Any:
+    """Who opens a stream, for the fair share: the identity, else the client address."""
+    if identity is not None:
+        return ("identity", identity)
+    return ("address", request.remote_addr) if has_request_context() else None
+
+
+#: The range (seconds) of the retry delay a refused client is given: random, so that
+#: refused clients do not all come back at the same moment.
+REFUSED_RETRY = (1.0, 4.0)
+
+_REFUSALS = {
+    "full": "this server process holds as many streams as it may (DATASTAR_MAX_STREAMS)",
+    "threads": "every server thread that streams may hold is taken",
+    "client": "this client holds its share of the streams (DATASTAR_CLIENT_SHARE)",
+    "draining": "this server process is stopping",
+}
+
+
+def _refusal_body(environ: Any, reason: str) -> Iterator[bytes] | None:
+    """A stream that the Datastar client retries by itself, with a random delay.
+
+    The client reopens a stream only after a network error or an abrupt
+    end: it does not retry a 503. So a refused stream is a 200 that tells
+    the client when to come back (``retry:``) and is then cut. ``None``
+    where the connection cannot be cut (no client socket): a 503 then.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return None
+    delay = int(random.uniform(*REFUSED_RETRY) * 1000)
+    note = f": refused: {_REFUSALS.get(reason, reason)}; retry in {delay} ms\nretry: {delay}\n\n"
+
+    def body() -> Iterator[bytes]:
+        yield note.encode()
+        # The server's end of the response must fail: the client sees a cut stream.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    return body()
 
 
 class DatastarResponse(Response):
@@ -91,6 +156,9 @@ class DatastarResponse(Response):
     :param authorize: with *handler* or a generator, called as
         ``authorize(identity)`` in the view before the stream opens; a false
         answer is a 401 (no identity) or 403, with no event.
+    :param own_thread: run the handler on the server's thread for the
+        stream's whole life instead of the scheduler's pool: for a handler
+        that blocks between two yields (see :mod:`flask_datastar.scheduler`).
     """
 
     default_mimetype = "text/event-stream"
@@ -108,6 +176,7 @@ class DatastarResponse(Response):
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        own_thread: bool = False,
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
@@ -130,7 +199,7 @@ class DatastarResponse(Response):
             refuse_async(handler, "The stream handler")
             if content is not None:
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
-            body = self._open(handler, on_connect, on_disconnect, authorize)
+            body = self._open(handler, on_connect, on_disconnect, authorize, own_thread)
             super().__init__(body, status, all_headers, **kwargs)
         elif content is None:
             # Nothing to send: 204, as datastar-py answers (the client does nothing).
@@ -148,7 +217,10 @@ class DatastarResponse(Response):
                 return events
 
             super().__init__(
-                self._open(handler, None, None, authorize), status, all_headers, **kwargs
+                self._open(handler, None, None, authorize, own_thread),
+                status,
+                all_headers,
+                **kwargs,
             )
 
     def _open(
@@ -157,6 +229,7 @@ class DatastarResponse(Response):
         on_connect: Hook | None,
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
+        own_thread: bool = False,
     ) -> Any:
         # Before anything else, HEAD included: a refused client learns nothing more,
         # and takes no stream slot.
@@ -164,22 +237,31 @@ class DatastarResponse(Response):
         if has_request_context() and request.method == "HEAD":
             # The headers are the whole answer: no stream, no hooks, no thread held.
             return []
-        config, max_streams = _settings()
+        config, admission = _settings()
         environ = request.environ if has_request_context() else {}
-        stream = Stream(environ, config, on_connect=on_connect, on_disconnect=on_disconnect)
+        stream = Stream(
+            environ,
+            config,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            own_thread=own_thread,
+        )
         stream.identity = identity
-        if not stream._admit(max_streams):
-            if max_streams == 0:
-                raise ServiceUnavailable(
-                    "This server process takes no streams: gunicorn's sync worker serves one"
-                    " request at a time. Run gunicorn with '-k gthread'."
-                )
-            raise ServiceUnavailable(
-                f"This server process already holds {max_streams} streams, its limit"
-                " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"
-                " requests); try again later."
-            )
+        limit = admission.limit
+        client_limit = None
+        if limit is not None and admission.client_share < 1:
+            client_limit = max(1, int(limit * admission.client_share))
+        refused = stream._admit(
+            limit,
+            holds_thread=own_thread or not may_release(environ, config),
+            thread_limit=admission.thread_limit,
+            client=_client_key(identity),
+            client_limit=client_limit,
+        )
+        if refused is not None:
+            return self._refuse(environ, refused, limit)
         try:
+            stream._hold_request()
             if identity is not None:
                 # Filed under its identity, so that a revocation reaches it in every
                 # process whatever registries the application put it in.
@@ -196,8 +278,26 @@ class DatastarResponse(Response):
         # A response that is dropped before the server runs it (an after_request
         # hook failed) still ends its stream, leaving its registries and its slot.
         weakref.finalize(body, stream._abandon)
-        # Keep the request context (request, session, g) alive while the stream runs.
-        return stream_with_context(body) if has_request_context() else body
+        return body
+
+    def _refuse(self, environ: Any, reason: str, limit: int | None) -> Any:
+        """Turn a stream away so that its client comes back by itself, later."""
+        log.info(
+            "flask_datastar: refused a stream of %s: %s",
+            environ.get("PATH_INFO", ""),
+            _REFUSALS.get(reason, reason),
+        )
+        if limit == 0:
+            raise ServiceUnavailable(
+                "This server process takes no streams: gunicorn's sync worker serves one"
+                " request at a time. Run gunicorn with '-k gthread'."
+            )
+        body = _refusal_body(environ, reason)
+        if body is None:
+            raise ServiceUnavailable(
+                f"No stream now: {_REFUSALS.get(reason, reason)}; try again later."
+            )
+        return body
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
         if self.datastar_stream is not None:
@@ -219,6 +319,7 @@ def sse_response(
     status: int | None = None,
     headers: dict[str, str] | None = None,
     authorize: Authorize | None = None,
+    own_thread: bool = False,
 ) -> DatastarResponse:
     """Return a streaming response that runs ``handler(gen)`` on a new stream.
 
@@ -236,6 +337,8 @@ def sse_response(
         the app's :meth:`~flask_datastar.FlaskDatastar.authorizer` and before
         ``on_connect``; a false answer is a 401 (no identity) or a 403, and
         no stream opens.
+    :param own_thread: run the handler on the server's thread for the
+        stream's whole life, not on the scheduler (for handlers that block).
     """
     return DatastarResponse(
         None,
@@ -245,6 +348,7 @@ def sse_response(
         on_connect=on_connect,
         on_disconnect=on_disconnect,
         authorize=authorize,
+        own_thread=own_thread,
     )
 
 
@@ -257,6 +361,7 @@ def sse_stream(
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
+    own_thread: bool = False,
 ) -> StreamDecorator: ...
 def sse_stream(
     view: StreamView[Any] | None = None,
@@ -264,6 +369,7 @@ def sse_stream(
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
+    own_thread: bool = False,
 ) -> Any:
     """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
 
@@ -281,8 +387,10 @@ def sse_stream(
     :param on_disconnect: called exactly once when the stream ends.
     :param authorize: called as ``authorize(identity)`` before the stream
         opens; see :func:`sse_response`.
+    :param own_thread: run the handler on the server's thread for the
+        stream's whole life, not on the scheduler (for handlers that block).
     """
-    decorate = _StreamDecorator(on_connect, on_disconnect, authorize)
+    decorate = _StreamDecorator(on_connect, on_disconnect, authorize, own_thread)
     return decorate(view) if view is not None else decorate
 
 
@@ -292,10 +400,12 @@ class _StreamDecorator:
         on_connect: Hook | None,
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
+        own_thread: bool = False,
     ) -> None:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.authorize = authorize
+        self.own_thread = own_thread
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
         refuse_async(view, "The stream view")
@@ -307,6 +417,7 @@ class _StreamDecorator:
                 on_connect=self.on_connect,
                 on_disconnect=self.on_disconnect,
                 authorize=self.authorize,
+                own_thread=self.own_thread,
             )
 
         return wrapper

@@ -24,9 +24,11 @@ The life of a stream:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
+import os
 import random
 import socket
 import threading
@@ -36,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .scheduler import Job, scheduler
 from .sse import (
     ElementPatchMode,
     ElementPatchNamespace,
@@ -45,6 +48,7 @@ from .sse import (
     comment,
 )
 from .transport import (
+    DIRECT_WRITES_SUPPORTED,
     Chunk,
     QueueTransport,
     SocketTransport,
@@ -136,12 +140,16 @@ class StreamConfig:
         client to take its backlog (also at a normal end), and the TCP user
         timeout of the connection: a client that acknowledges nothing for
         that long is gone.
+    :param release_threads: on the direct path under gunicorn, give the
+        server's thread back once the handler first pauses (the stream then
+        holds a socket, not a thread).
     """
 
     heartbeat: float = 15.0
     max_backlog: int = 64 * 1024
     direct_writes: bool = True
     send_timeout: float = 30.0
+    release_threads: bool = True
 
 
 class Sleep:
@@ -167,25 +175,63 @@ Handler = Callable[["Stream"], Iterable[HandlerItem] | None]
 _local = threading.local()
 _open: set[Stream] = set()
 _open_lock = threading.Lock()
+# Per client (identity or address): the streams it holds in this process.
+_by_client: dict[Any, int] = {}
+# Streams that hold a server thread for their whole life (own_thread, or the
+# queue path), counted against the thread limit.
+_thread_held: list[int] = [0]
+#: The stream whose context is current: the stream's steps and hooks run in it.
+_current: contextvars.ContextVar[Stream | None] = contextvars.ContextVar(
+    "flask_datastar_stream", default=None
+)
+# A stream's phases on the scheduler.
+_RUNNING, _CLOSING, _DONE = 0, 1, 2
 
 
 _process_limit: list[int | None] = [None]
+_thread_limit: list[int | None] = [None]
 
 
-def set_process_stream_limit(limit: int | None) -> None:
+def set_process_stream_limit(limit: int | None, threads: int | None = None) -> None:
     """Set how many streams this process may hold when ``DATASTAR_MAX_STREAMS`` is unset.
 
-    The gunicorn hooks set it from ``--threads``, keeping threads free for
-    ordinary requests.
+    The gunicorn hooks set them from the worker: the file descriptors it may
+    open for streams that hold no thread, and ``--threads`` less a reserve for
+    the streams that keep one (``own_thread=True``, or the portable path).
 
     :param limit: the number of streams, or ``None`` for no limit.
+    :param threads: the number of those that may hold a server thread, or
+        ``None`` for no such limit.
     """
     _process_limit[0] = limit
+    _thread_limit[0] = threads
 
 
 def process_stream_limit() -> int | None:
     """Return the limit set by :func:`set_process_stream_limit`."""
     return _process_limit[0]
+
+
+def process_thread_limit() -> int | None:
+    """Return the thread limit set by :func:`set_process_stream_limit`."""
+    return _thread_limit[0]
+
+
+def may_release(environ: Mapping[str, Any], config: StreamConfig) -> bool:
+    """Whether a stream of this request can give its server thread back (see Stream._release).
+
+    A prediction made in the view, for admission: the direct path under
+    gunicorn, plain HTTP/1.1. A middleware that hides gunicorn's response
+    object can still keep the stream on the portable path, holding a thread.
+    """
+    return (
+        config.direct_writes
+        and config.release_threads
+        and DIRECT_WRITES_SUPPORTED
+        and type(environ.get("gunicorn.socket")) is socket.socket
+        and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        and environ.get("REQUEST_METHOD") != "HEAD"
+    )
 
 
 def open_streams() -> list[Stream]:
@@ -220,9 +266,9 @@ def drain_streams(spread: float = 0.0) -> int:
     """End every stream of this process, now and from now on, so clients go elsewhere.
 
     For a worker that stops: each open stream is ended so that its client
-    reconnects (to another worker), and so is every stream opened after this
-    call (a server still answers requests on kept-alive connections for a
-    moment while it stops), right after it sent its first state.
+    reconnects (to another worker), and every stream asked for after this call
+    (a server still answers requests on kept-alive connections for a moment
+    while it stops) is turned away the same way, before its handler runs.
 
     :param spread: give each client a random retry delay of up to this many
         seconds, so they do not all come back at once.
@@ -268,6 +314,22 @@ class Stream:
         "_server_response",
         "_registries",
         "_started",
+        "own_thread",
+        "_context",
+        "_ctx_lock",
+        "_release_context",
+        "_job",
+        "_steps",
+        "_wake_at",
+        "_backlogged",
+        "_phase",
+        "_released",
+        "_sock",
+        "_close_deadline",
+        "_end_written",
+        "_error",
+        "_client_key",
+        "_holds_thread",
     )
 
     def __init__(
@@ -276,6 +338,7 @@ class Stream:
         config: StreamConfig | None = None,
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
+        own_thread: bool = False,
     ) -> None:
         self.environ = environ
         self.config = config or StreamConfig()
@@ -306,6 +369,29 @@ class Stream:
         self._registries: set[SSERegistry] = set()
         self._started = False
         self.sent_events = 0
+        #: Whether the handler runs on the stream's own thread (the server's) instead
+        #: of the scheduler's pool: for handlers that block between two yields.
+        self.own_thread = own_thread
+        # Every step, hook and the end run in this context: a copy of the view's, where
+        # the request context stays pushed until the stream ends (see _hold_request).
+        self._context = contextvars.copy_context()
+        self._context.run(_current.set, self)
+        self._ctx_lock = threading.Lock()
+        self._release_context: Callable[[], None] | None = None
+        self._job: Job | None = None
+        self._steps: Iterator[HandlerItem] | None = None
+        self._wake_at = 0.0
+        # When the backlog went over its bound (0.0: it is not): the handler waits.
+        self._backlogged = 0.0
+        # _RUNNING, then _CLOSING once the handler is closed, then _DONE.
+        self._phase = _RUNNING
+        self._released = False
+        self._sock: socket.socket | None = None
+        self._close_deadline = 0.0
+        self._end_written = False
+        self._error: BaseException | None = None
+        self._client_key: Any = None
+        self._holds_thread = False
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
@@ -347,9 +433,13 @@ class Stream:
         else:
             check_event(event)
             chunk = Chunk(event)
-        owner = threading.get_ident() == self._owner
+        owner = self._is_own_write()
         with self._lock:
             self._write_locked(chunk, owner)
+
+    def _is_own_write(self) -> bool:
+        """Whether the caller is the stream's handler or hook (its events are never refused)."""
+        return getattr(_local, "stream", None) is self or threading.get_ident() == self._owner
 
     def patch_elements(
         self,
@@ -483,7 +573,7 @@ class Stream:
 
         :param timeout: seconds to wait at most.
         """
-        if threading.get_ident() == self._owner and not self._disconnected:
+        if self._is_own_write() and not self._disconnected:
             raise RuntimeError(
                 "'wait_closed' was called on the stream's own thread (in its handler or a"
                 " hook), where the stream cannot end while it waits; call it from another"
@@ -529,6 +619,12 @@ class Stream:
         except RuntimeError:
             pass  # already released: the owner has a wake-up waiting
 
+    def _wake_job(self) -> None:
+        """Run the stream's next scheduler step now (it ended, or its backlog drained)."""
+        job = self._job
+        if job is not None and self._phase != _DONE:
+            scheduler().submit(job)
+
     def _drain_owner(self) -> None:
         """Wait, outside the handler, until the backlog is back under its bound."""
         transport = self._transport
@@ -561,10 +657,13 @@ class Stream:
             if self._closed or not isinstance(transport, SocketTransport):
                 return False
             try:
-                return not transport.flush()
+                left = not transport.flush()
             except TransportClosed as e:
                 self._end_locked(str(e), abort=True)
                 return False
+            if self._backlogged and transport.pending() <= self.config.max_backlog:
+                self._wake_job()  # the handler waited for the client to catch up
+            return left
 
     def _end(self, reason: str, abort: bool) -> None:
         with self._lock:
@@ -586,20 +685,65 @@ class Stream:
         if abort and isinstance(self._transport, SocketTransport):
             self._transport.close()
         self._notify()
+        self._wake_job()
 
     # -- the owner thread ---------------------------------------------------------
 
-    def _admit(self, limit: int | None) -> bool:
-        """Count the stream as open unless *limit* streams already are; return whether it is.
+    def _admit(
+        self,
+        limit: int | None,
+        holds_thread: bool = False,
+        thread_limit: int | None = None,
+        client: Any = None,
+        client_limit: int | None = None,
+    ) -> str | None:
+        """Count the stream as open unless a limit says no; return ``None``, or why not.
 
-        The check and the count are one step, so concurrent opens cannot
-        overshoot the limit.
+        The checks and the count are one step, so concurrent opens cannot
+        overshoot a limit.
+
+        :param limit: the streams this process may hold.
+        :param holds_thread: this stream keeps a server thread for its life.
+        :param thread_limit: the streams that may keep one.
+        :param client: who opens it (identity or address), for the fair share.
+        :param client_limit: the streams one client may hold.
+        :return: ``None`` when admitted; else ``"draining"``, ``"full"``,
+            ``"threads"`` or ``"client"``.
         """
         with _open_lock:
+            if _draining[0] is not None:
+                return "draining"
             if limit is not None and len(_open) >= limit:
-                return False
+                return "full"
+            if holds_thread and thread_limit is not None and _thread_held[0] >= thread_limit:
+                return "threads"
+            if client is not None and client_limit is not None:
+                if _by_client.get(client, 0) >= client_limit:
+                    return "client"
+                _by_client[client] = _by_client.get(client, 0) + 1
+                self._client_key = client
+            if holds_thread:
+                _thread_held[0] += 1
+                self._holds_thread = True
             _open.add(self)
-            return True
+            return None
+
+    def _enter(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn(*args)`` in the stream's context (the request context is there)."""
+        if _current.get() is self:
+            return fn(*args)
+        with self._ctx_lock:  # a Context is entered by one thread at a time
+            return self._context.run(fn, *args)
+
+    def _hold_request(self) -> None:
+        """Keep a copy of the view's request context pushed in the stream's context.
+
+        Flask tears the view's own context down when the view returns, before
+        the body is sent. The stream's steps run later, on other threads: they
+        get a copy (as :func:`flask.copy_current_request_context` makes), with
+        the view's ``g``, whose teardown runs when the stream ends.
+        """
+        self._release_context = self._enter(_push_request_copy)
 
     def _connect(self) -> None:
         """Run the ``on_connect`` hooks, in the view, before the response leaves.
@@ -611,7 +755,7 @@ class Stream:
         self._owner = threading.get_ident()
         for hook in self._on_connect:
             try:
-                hook(self)
+                self._enter(hook, self)
             except StreamClosed as e:
                 if e.stream is not None and e.stream is not self:
                     raise
@@ -635,9 +779,9 @@ class Stream:
         ``TCP_USER_TIMEOUT`` bounds that; the heartbeat keeps data in flight so
         the bound applies even to a quiet stream.
         """
-        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        sock = self._client_socket()
         option = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if option is None or not isinstance(sock, socket.socket):
+        if option is None or sock is None:
             return
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
@@ -672,19 +816,42 @@ class Stream:
         try:
             for hook in reversed(self._on_disconnect):
                 try:
-                    hook(self)
+                    self._enter(hook, self)
                 except Exception:
                     log.exception("flask_datastar: error in an on_disconnect hook")
             for registry in list(self._registries):
                 registry.unregister(self)
         finally:
+            release, self._release_context = self._release_context, None
+            if release is not None:
+                try:
+                    self._enter(release)  # the request's teardown functions run here
+                except Exception:
+                    log.exception("flask_datastar: error while tearing down the stream's request")
             with self._lock:
                 self._disconnected = True
                 done = self._done
             if done is not None:
                 done.set()
+            # Nothing keeps a registry (its bus subscription) or the request's copy alive
+            # through an ended stream that waits for the garbage collector (the stream
+            # and its context, and its scheduler job, refer to each other).
+            self._registries.clear()
+            self._job = None
+            self._enter(_current.set, None)  # last: later calls enter the context anew
             with _open_lock:
-                _open.discard(self)
+                if self in _open:
+                    _open.discard(self)
+                    key = self._client_key
+                    if key is not None:
+                        left = _by_client.get(key, 1) - 1
+                        if left > 0:
+                            _by_client[key] = left
+                        else:
+                            _by_client.pop(key, None)
+                    if self._holds_thread:
+                        _thread_held[0] -= 1
+                        self._holds_thread = False
 
     def _take_direct_path(self) -> None:
         sock = None
@@ -697,11 +864,9 @@ class Stream:
             waiting = self._transport
             assert isinstance(waiting, QueueTransport)
             watcher = SocketWatcher.get()
-            transport = SocketTransport(
-                sock,
-                self.config.max_backlog,
-                on_backlog=lambda wanted: watcher.want_write(sock, wanted),
-            )
+            transport = SocketTransport(sock, self.config.max_backlog)
+            # The transport's socket, whichever it is then: _release() replaces it.
+            transport._on_backlog = lambda wanted: watcher.want_write(transport.sock, wanted)
             self._transport = transport
             self._path = "direct"
             watcher.add(sock, self)
@@ -713,7 +878,9 @@ class Stream:
                     self._end_locked(str(e), abort=True)
 
     def _client_socket(self) -> socket.socket | None:
-        """The client's socket, where the WSGI server tells it."""
+        """The client's socket, where the WSGI server tells it (the stream's own once released)."""
+        if self._sock is not None:
+            return self._sock
         sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
         return sock if isinstance(sock, socket.socket) else None
 
@@ -742,11 +909,20 @@ class Stream:
             pass
 
     def _run(self, handler: Handler) -> Iterator[bytes]:
-        """The response iterator: drive *handler* and hand bytes to the server."""
+        """The response iterator: drive *handler* and hand bytes to the server.
+
+        The handler's first steps run here, on the server's thread, up to its
+        first pause: a handler that sends and returns never leaves it, and
+        its connection may carry the next request. From its first pause on,
+        its steps run on the scheduler (unless ``own_thread``); on the direct
+        path the server's thread is then given back (see :meth:`_release`),
+        elsewhere it waits, with no timeout, for bytes to hand to the server.
+        """
         self._started = True
         self._owner = threading.get_ident()
         handler_iter: Iterator[HandlerItem] | None = None
         server_ends = True  # the server writes the response's end after the last chunk
+        handed_off = False
         try:
             self._bound_unacknowledged_data()
             with self._lock:
@@ -758,8 +934,26 @@ class Stream:
             self._take_direct_path()
             if not self._closed:
                 handler_iter = self._start(handler)
-            # Opened while the process stops: its first state, then to another worker.
-            yield from self._loop(handler_iter, leave=_draining[0])
+            if self.own_thread:
+                # Opened while the process stops: its first state, then to another worker.
+                yield from self._loop(handler_iter, leave=_draining[0])
+                return
+            handler_iter = yield from self._first_steps(handler_iter)
+            if handler_iter is None or self._closed:
+                return
+            self._steps, handler_iter = handler_iter, None
+            self._job = Job(self._tick, str(self.environ.get("PATH_INFO", "")))
+            if self._release():
+                handed_off = True
+                self._wake_job()
+                return
+            with _open_lock:
+                if not self._holds_thread:
+                    # Kept by the portable path after all: count it where it belongs.
+                    _thread_held[0] += 1
+                    self._holds_thread = True
+            self._wake_job()
+            yield from self._park()
         except GeneratorExit:
             server_ends = False  # a write failed, or the server stops: it writes no end
             self._end("the server closed the response", abort=False)
@@ -768,11 +962,276 @@ class Stream:
             self._end(f"the handler raised {type(e).__name__}", abort=True)
             raise
         finally:
+            if not handed_off:
+                try:
+                    if handler_iter is not None and hasattr(handler_iter, "close"):
+                        self._close_handler(handler_iter)
+                    self._wait_for_steps()
+                finally:
+                    self._finish(server_ends)
+
+    def _first_steps(
+        self, steps: Iterator[HandlerItem] | None
+    ) -> Generator[bytes, None, Iterator[HandlerItem] | None]:
+        """Run the handler here up to its first pause; return its steps, or ``None`` at its end."""
+        while True:
+            if isinstance(self._transport, QueueTransport):
+                with self._lock:
+                    data = self._transport.take()
+                if data:
+                    yield data  # the server writes it; a failed write closes this generator
+            if steps is None or self._closed:
+                return None
+            item, alive = self._next_step(steps)
+            if not alive:
+                steps = None
+            elif isinstance(item, Sleep):
+                self._pending_sleep = None
+                self._wake_at = (
+                    float("inf") if item.seconds is None else time.monotonic() + item.seconds
+                )
+                if _draining[0] is not None:
+                    self._end_spread(_draining[0])
+                return steps
+            elif isinstance(item, (str, bytes)):
+                try:
+                    self.send(Chunk(item))  # _next_step checked it already
+                except StreamClosed:
+                    pass
+
+    def _park(self) -> Iterator[bytes]:
+        """Hand what the scheduler's steps queue to the server, until the stream has ended."""
+        while True:
+            with self._lock:
+                data = b""
+                if isinstance(self._transport, QueueTransport):
+                    data = self._transport.take()
+                done = self._closed and self._phase != _RUNNING
+            if data:
+                yield data  # the server writes it; a failed write closes this generator
+                continue
+            if done:
+                if self._error is not None:
+                    raise self._error  # the handler's, for the server to report
+                return
+            # No timeout: every send, and the end, release it (see _notify).
+            self._wake.acquire()
+
+    def _wait_for_steps(self) -> None:
+        """Wait until the scheduler has closed the handler (the stream has ended)."""
+        if self._job is None:
+            return
+        self._wake_job()
+        while True:
+            with self._lock:
+                if self._phase != _RUNNING:
+                    return
+            self._wake.acquire(timeout=1.0)
+
+    def _release(self) -> bool:
+        """Give the server's thread back, keeping the connection; return whether it was.
+
+        Only on the direct path under gunicorn, whose response object and
+        socket are known: the stream takes a duplicate of the client socket,
+        and the server's own file descriptor is pointed at a socket whose
+        peer has already closed, so that gunicorn's end of the response
+        (no terminating chunk: the stream writes it; then a close, or a
+        graceful close) touches nothing the client sees. The connection then
+        closes when the stream ends, whatever its keep-alive.
+        """
+        server_response: Any = self._server_response
+        transport = self._transport
+        if (
+            not self.config.release_threads
+            or not isinstance(transport, SocketTransport)
+            or server_response is None
+            or not hasattr(server_response, "force_close")
+        ):
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            old = transport.sock
             try:
-                if handler_iter is not None and hasattr(handler_iter, "close"):
-                    self._close_handler(handler_iter)
+                own = old.dup()
+                dead_a, dead_b = socket.socketpair()
+            except OSError:
+                return False  # out of file descriptors: keep the thread
+            try:
+                watcher = SocketWatcher.get()
+                # Unregister before the number changes what it stands for: epoll keys
+                # its entries on the open file, which the duplicate keeps alive.
+                watcher.remove(old)
+                transport.sock = own
+                watcher.add(own, self)
+                if transport.pending():
+                    watcher.want_write(own, True)
+                dead_b.close()
+                os.dup2(dead_a.fileno(), old.fileno())
             finally:
-                self._finish(server_ends)
+                dead_a.close()
+            self._sock = own
+            self._released = True
+            if isinstance(self.environ, dict):
+                # What the application reads as the client's socket from now on.
+                self.environ["gunicorn.socket"] = own
+            # gunicorn writes no terminating chunk and keeps no connection alive.
+            server_response.chunked = False
+            server_response.force_close()
+        with _open_lock:
+            if self._holds_thread:
+                _thread_held[0] -= 1
+                self._holds_thread = False
+        return True
+
+    # -- the scheduler's steps ----------------------------------------------------
+
+    def _tick(self) -> None:
+        """One scheduler step of the stream: the handler's next step, heartbeat, or end."""
+        if self._phase == _DONE:
+            return
+        self._enter(self._tick_in_context)
+
+    def _tick_in_context(self) -> None:
+        previous = getattr(_local, "stream", None)
+        _local.stream = self
+        try:
+            self._advance()
+        finally:
+            _local.stream = previous
+
+    def _advance(self) -> None:
+        if self._phase == _CLOSING:
+            self._finish_released()
+            return
+        if self._phase == _DONE:
+            return
+        config = self.config
+        now = time.monotonic()
+        steps = self._steps
+        if steps is not None and not self._closed and not self._backlogged and now >= self._wake_at:
+            try:
+                item, alive = self._next_step(steps)
+            except Exception as e:
+                self._failed(e)
+                item, alive = None, False
+            if not alive:
+                self._steps = steps = None
+            elif isinstance(item, Sleep):
+                self._pending_sleep = None
+                now = time.monotonic()
+                self._wake_at = float("inf") if item.seconds is None else now + item.seconds
+            else:
+                if isinstance(item, (str, bytes)):
+                    try:
+                        self.send(Chunk(item))  # _next_step checked it already
+                    except StreamClosed:
+                        pass
+                self._wake_at = now  # an event or a checkpoint: go on at the next turn
+        transport = self._transport
+        if isinstance(transport, SocketTransport) and not self._closed:
+            if transport.pending() > config.max_backlog:
+                if not self._backlogged:
+                    self._backlogged = now
+                elif now - self._backlogged >= config.send_timeout:
+                    self._end(f"the client took no data for {config.send_timeout} s", abort=True)
+            else:
+                self._backlogged = 0.0
+        heartbeat = config.heartbeat
+        if heartbeat > 0 and not self._closed and now - self._last_write >= heartbeat:
+            try:
+                self.send(_HEARTBEAT)
+            except StreamClosed:
+                pass
+        if self._closed:
+            self._wind_down()
+            return
+        due = float("inf")
+        if steps is not None:
+            due = self._backlogged + config.send_timeout if self._backlogged else self._wake_at
+        if heartbeat > 0:
+            due = min(due, self._last_write + heartbeat)
+        job = self._job
+        assert job is not None
+        if due <= now:
+            scheduler().submit(job)  # runs again after this turn, behind the others
+        elif due != float("inf"):
+            scheduler().schedule(job, due)
+        else:
+            scheduler().cancel(job)
+
+    def _failed(self, error: Exception) -> None:
+        """The handler raised in a scheduled step: end the stream abruptly, report the error.
+
+        As when it raised on the server's thread: the client reconnects, and the
+        error reaches the server (which logs it) through the response iterator
+        when the stream still has one; a released stream logs it here.
+        """
+        self._steps = None
+        self._error = error
+        self._end(f"the handler raised {type(error).__name__}", abort=True)
+        if self._released:
+            log.error(
+                "flask_datastar: the handler of %s raised",
+                self.environ.get("PATH_INFO", ""),
+                exc_info=error,
+            )
+
+    def _wind_down(self) -> None:
+        """The stream has ended: close the handler, then end the connection's part."""
+        steps, self._steps = self._steps, None
+        if steps is not None and hasattr(steps, "close"):
+            self._close_handler(steps)
+        if self._job is not None:
+            scheduler().cancel(self._job)
+        if not self._released:
+            # The server's thread ends the connection (see _run's finally).
+            with self._lock:
+                self._phase = _DONE
+            self._notify()
+            return
+        self._phase = _CLOSING
+        self._close_deadline = time.monotonic() + self.config.send_timeout
+        self._finish_released()
+
+    def _finish_released(self) -> None:
+        """End a released stream's connection: its last bytes, the end of the response."""
+        transport = self._transport
+        assert isinstance(transport, SocketTransport)
+        sock = transport.sock
+        with self._lock:
+            if not self._abort and not transport.closed:
+                try:
+                    if not self._end_written:
+                        # The end of the chunked response, once: after it the client
+                        # knows the stream ended cleanly and does not reconnect.
+                        self._end_written = True
+                        transport.write_bytes(b"0\r\n\r\n", bounded=False)
+                    flushed = transport.flush()
+                except TransportClosed:
+                    self._abort = True
+                    flushed = True
+                if not flushed:
+                    now = time.monotonic()
+                    if now < self._close_deadline:
+                        # A slow reader at the end: look again shortly (rare, and cheap).
+                        job = self._job
+                        assert job is not None
+                        scheduler().schedule(job, min(self._close_deadline, now + 0.05))
+                        return
+                    self._abort = True
+            self._phase = _DONE
+        SocketWatcher.get().remove(sock)
+        try:
+            if self._abort:
+                sock.shutdown(socket.SHUT_RDWR)
+            else:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client has gone already
+        sock.close()
+        log.debug("flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly")
+        self._disconnect()
 
     def _close_handler(self, steps: Iterator[HandlerItem]) -> None:
         """Close the handler, so its ``finally`` and ``with`` blocks run.
@@ -902,7 +1361,7 @@ class Stream:
         previous = getattr(_local, "stream", None)
         _local.stream = self
         try:
-            return fn()
+            return self._enter(fn)
         finally:
             _local.stream = previous
 
@@ -1002,6 +1461,40 @@ class Stream:
             log.debug("flask_datastar: %r ended %s", self, "abruptly" if self._abort else "cleanly")
         finally:
             self._disconnect()
+
+
+def _push_request_copy() -> Callable[[], None] | None:
+    """Push copies of the current app and request contexts; return what pops them.
+
+    Runs in a stream's own context (a copy of the view's). ``None`` outside a
+    request (a stream made by hand, in tests).
+    """
+    try:
+        from flask import g
+        from flask.globals import _cv_request
+    except ImportError:  # pragma: no cover - Flask is a dependency
+        return None
+    request_ctx = _cv_request.get(None)
+    if request_ctx is None:
+        return None
+    app_ctx = request_ctx.app.app_context()
+    # The view's g (what before_request put there), for the handler's steps.
+    vars(app_ctx.g).update(vars(g._get_current_object()))
+    copy = request_ctx.copy()
+    app_ctx.push()
+    try:
+        copy.push()
+    except BaseException:
+        app_ctx.pop()
+        raise
+
+    def pop() -> None:
+        try:
+            copy.pop()
+        finally:
+            app_ctx.pop()
+
+    return pop
 
 
 def _session_modified() -> bool:

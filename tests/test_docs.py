@@ -32,7 +32,17 @@ from flask_datastar.testing import iter_events, parse_events
 from tests.helpers import REPO_ROOT, require_module
 
 DOCS = REPO_ROOT / "docs"
-MODULES = ["sse", "stream", "registry", "bus", "transport", "signals", "gunicorn", "testing"]
+MODULES = [
+    "sse",
+    "stream",
+    "scheduler",
+    "registry",
+    "bus",
+    "transport",
+    "signals",
+    "gunicorn",
+    "testing",
+]
 
 
 # -- the build ------------------------------------------------------------------------

@@ -77,16 +77,21 @@ def test_under_gunicorn_with_its_config() -> None:
 
 
 def test_admission_and_drain_hooks() -> None:
-    # 4 threads: 2 for streams, 2 kept for commands (flask_datastar.gunicorn).
-    with GunicornServer("example_app:app", threads=4, config="gunicorn.conf.py") as server:
-        tabs = [RawHTTPStream(server.port, "/sse") for _ in range(2)]
+    # 4 threads hold 10 tabs: a stream gives its thread back at its first pause.
+    env = {"FLASK_DATASTAR_MAX_STREAMS": "10", "FLASK_DATASTAR_CLIENT_SHARE": "1"}
+    with GunicornServer("example_app:app", threads=4, config="gunicorn.conf.py", env=env) as server:
+        tabs = [RawHTTPStream(server.port, "/sse") for _ in range(10)]
         try:
             for tab in tabs:
                 assert tab.status == 200
                 next(tab.events(timeout=10))
-            with RawHTTPStream(server.port, "/sse") as third:
-                assert third.status == 503
-                assert b"its limit" in third.read_body(timeout=10)
+            with RawHTTPStream(server.port, "/sse") as eleventh:
+                # Over the cap: told when to come back, then cut, so the client retries.
+                assert eleventh.status == 200
+                with pytest.raises(ConnectionClosed):
+                    assert list(eleventh.events(timeout=10)) == []
+                assert eleventh.parser.retry is not None
+                assert 1000 <= eleventh.parser.retry <= 4000
             status, _, _ = post(server.url + "/click")
             assert status == 204  # commands still get a thread
             server.proc.send_signal(15)  # type: ignore[union-attr]
@@ -96,7 +101,7 @@ def test_admission_and_drain_hooks() -> None:
                 with pytest.raises(ConnectionClosed):
                     for _ in tab.events(timeout=10):
                         pass
-                assert tab.parser.retry is not None and 1000 <= tab.parser.retry <= 6000
+                assert tab.parser.retry is not None and 1000 <= tab.parser.retry <= 3000
         finally:
             for tab in tabs:
                 tab.close()

@@ -102,7 +102,14 @@ def make_app():
 
 
 def datastar_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith("flask_datastar")]
+    # The scheduler's timer and pool serve the whole process: not a stream's or a
+    # registry's thread, they stay.
+    process_wide = ("flask_datastar-scheduler", "flask_datastar-step")
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("flask_datastar") and not t.name.startswith(process_wide)
+    ]
 
 
 def test_leave_everything_open(datastar_stream, datastar_live_server):
