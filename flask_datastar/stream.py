@@ -1066,15 +1066,15 @@ class Stream:
                 watcher.add(own, self)
                 if transport.pending():
                     watcher.want_write(own, True)
+                if isinstance(self.environ, dict):
+                    # What the application reads as the client's socket from now on.
+                    self.environ["gunicorn.socket"] = own
                 dead_b.close()
                 os.dup2(dead_a.fileno(), old.fileno())
             finally:
                 dead_a.close()
             self._sock = own
             self._released = True
-            if isinstance(self.environ, dict):
-                # What the application reads as the client's socket from now on.
-                self.environ["gunicorn.socket"] = own
             # gunicorn writes no terminating chunk and keeps no connection alive.
             server_response.chunked = False
             server_response.force_close()

@@ -466,24 +466,29 @@ def test_a_handler_error_ends_the_stream_and_is_not_lost(reader_app: ReaderApp) 
 )
 def test_close_says_why_a_stream_did_not_end(reader_app: ReaderApp, path: str, why: str) -> None:
     release = threading.Event()
+    blocking = threading.Event()
 
     @reader_app.app.get("/blocks")
     @sse_stream
     def blocks(gen: Stream) -> Iterator[object]:
         gen.patch_signals({"a": 1})
         yield gen.sleep(0)
+        blocking.set()
         release.wait(10)  # not gen.sleep: a close cannot interrupt it
 
     @reader_app.app.get("/plain")
     def plain() -> Response:
         def body() -> Iterator[str]:
             yield "data: a\n\n"
+            blocking.set()
             release.wait(10)
 
         return Response(body(), mimetype="text/event-stream")
 
     reader = open_stream(reader_app.client, path)
     reader.next_event()
+    # The step after the pause runs on the scheduler: close once it has started.
+    assert blocking.wait(5)
     with pytest.raises(RuntimeError, match=f"did not end within 0.1 s of being closed: .*{why}"):
         reader.close(timeout=0.1)
     release.set()
