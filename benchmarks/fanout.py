@@ -862,9 +862,9 @@ def _ratio_tables(plain: list[dict[str, Any]], streams: list[int]) -> list[str]:
         " better):",
         "",
         "| N | server | "
-        + " | ".join(f"fan-out p99 / {ref} | server CPU / {ref} | memory / {ref}" for ref in refs)
+        + " | ".join(f"fan-out p99 / {ref} | server CPU / {ref}" for ref in refs)
         + " |",
-        "|---:|---|" + "---:|" * (3 * len(refs)),
+        "|---:|---|" + "---:|" * (2 * len(refs)),
     ]
     for n in streams:
         for run in plain:
@@ -874,12 +874,11 @@ def _ratio_tables(plain: list[dict[str, Any]], streams: list[int]) -> list[str]:
             for ref in refs:
                 other = by.get((ref, n))
                 if other is None or other is run:
-                    cells += ["-", "-", "-"]
+                    cells += ["-", "-"]
                     continue
                 cells += [
                     _ratio(run["fanout_ms"]["p99"], other["fanout_ms"]["p99"]),
                     _ratio(run["server_cpu_pct"], other["server_cpu_pct"]),
-                    _ratio(run["kb_per_stream"], other["kb_per_stream"]),
                 ]
             lines.append(f"| {n} | {SERVERS[run['server']].label} | " + " | ".join(cells) + " |")
     return lines
