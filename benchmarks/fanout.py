@@ -1158,13 +1158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": [],
     }
+    # Every server at one N, then the next N: the runs a ratio compares are close in time,
+    # so a change of the machine's load between them is less likely.
     plan: list[tuple[str, int, int]] = []
-    for name in args.servers:
-        for n in args.streams:
+    for n in args.streams:
+        for name in args.servers:
             plan.append((name, n, 0))
             if args.stalled and n == args.stall_streams:
                 plan.append((name, n, args.stalled))
-        if args.stalled and args.stall_streams not in args.streams:
+    if args.stalled and args.stall_streams not in args.streams:
+        for name in args.servers:
             plan += [(name, args.stall_streams, 0), (name, args.stall_streams, args.stalled)]
     interrupted = False
     errors: list[dict[str, Any]] = []
