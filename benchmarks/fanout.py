@@ -873,8 +873,8 @@ def _ratio_tables(plain: list[dict[str, Any]], streams: list[int]) -> list[str]:
         return []
     lines = [
         "",
-        "Ratios (server / reference, same N and run; 1x is as good as the reference, lower is"
-        " better):",
+        "Ratios to the references (this server's value / the floor's or Starlette's, same N,"
+        " same run; 1x is as good as that reference, lower is better):",
         "",
         "| N | server | "
         + " | ".join(f"fan-out p99 / {ref} | server CPU / {ref}" for ref in refs)
