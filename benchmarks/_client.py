@@ -396,18 +396,28 @@ async def open_clients(
 ) -> list[SSEClient]:
     """Open *n* streams, *concurrency* at a time, each until its first state arrived.
 
+    Once *concurrency* streams have failed, the rest are not tried: a server that
+    queues streams it cannot serve would otherwise cost 30 s per wave of them.
+
     :return: the clients; one that failed has ``error`` set, one that did not get
         its first state within 30 s has ``max_count`` still -1.
     """
     clients = [SSEClient(host, port, path) for _ in range(n)]
     gate = asyncio.Semaphore(concurrency)
+    failed = 0
 
     async def open_one(client: SSEClient) -> None:
+        nonlocal failed
         async with gate:
+            if failed >= concurrency:
+                client.error = "not tried: too many streams had failed already"
+                return
             await client.connect()
             # Holding the gate until the first event paces the server's thread creation.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(client.first_event.wait(), 30)
+            if client.max_count < 0:
+                failed += 1
 
     await asyncio.gather(*(open_one(client) for client in clients))
     return clients
