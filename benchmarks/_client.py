@@ -9,6 +9,11 @@
   difference (the client's lag) is reported.
 - :class:`StalledClient`: a ``GET /sse`` with a tiny receive buffer that is
   never read, until the end of the run.
+- ``python _client.py hold ...``: a stream holder, one of the processes that
+  hold the N streams between them (``--client-procs``), so the load generator
+  can use more than one core. It opens its share of the streams, says so on
+  stdout, then answers the commands ``fanout.py`` writes on its stdin (one JSON
+  line per answer) and, at the end, writes every stream's arrivals to a file.
 - ``python _client.py click ...``: the clicker, run as a separate process so
   its POST timings do not depend on the SSE clients' event loop. It sends
   ``POST /click`` on a fixed schedule from a few keep-alive connections and
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import http.client
 import json
+import pickle
 import re
 import selectors
 import socket
@@ -29,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -285,13 +293,17 @@ def count_ended(stalled: list[StalledClient], timeout: float) -> int:
 # -- the clicker process --------------------------------------------------------
 
 
-def run_clicker(host: str, port: int, rate: float, count: int, start_at: float) -> dict[str, Any]:
+def run_clicker(
+    host: str, port: int, rate: float, count: int, start_at: float, mark: int = 0
+) -> dict[str, Any]:
     """Send *count* ``POST /click`` at *rate* per second from ``start_at`` (``time.time()``).
 
+    :param mark: the index of the first click of the measurement window.
     :return: ``sends`` (wall-clock send times of the clicks answered 204, in
         send order), ``latencies`` (seconds, same order), ``errors``, ``cpu``
-        (this process's CPU seconds) and ``lateness`` (how far behind the
-        schedule the last click was sent, in seconds).
+        (this process's CPU seconds), ``window_cpu`` (its CPU seconds from the
+        click *mark* on, until the last answer) and ``lateness`` (how far behind
+        the schedule the last click was sent, in seconds).
     """
     local = threading.local()
     results: list[tuple[float, float] | None] = [None] * count
@@ -353,7 +365,7 @@ def run_clicker(host: str, port: int, rate: float, count: int, start_at: float) 
             return
 
     lateness = 0.0
-    cpu_start = time.process_time()
+    cpu_start = cpu_mark = time.process_time()
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="click") as pool:
         for index in range(count):
             due = start_at + index / rate
@@ -362,6 +374,8 @@ def run_clicker(host: str, port: int, rate: float, count: int, start_at: float) 
                 time.sleep(delay)
             else:
                 lateness = -delay
+            if index == mark:
+                cpu_mark = time.process_time()
             pool.submit(click, index)
     done = sorted(r for r in results if r is not None)
     return {
@@ -369,21 +383,151 @@ def run_clicker(host: str, port: int, rate: float, count: int, start_at: float) 
         "latencies": [lat for _, lat in done],
         "errors": errors,
         "cpu": time.process_time() - cpu_start,
+        "window_cpu": time.process_time() - cpu_mark,
         "lateness": lateness,
     }
 
 
+# -- the stream holder process --------------------------------------------------------
+
+
+async def open_clients(
+    host: str, port: int, path: str, n: int, concurrency: int
+) -> list[SSEClient]:
+    """Open *n* streams, *concurrency* at a time, each until its first state arrived.
+
+    Once *concurrency* streams have failed, the rest are not tried: a server that
+    queues streams it cannot serve would otherwise cost 30 s per wave of them.
+
+    :return: the clients; one that failed has ``error`` set, one that did not get
+        its first state within 30 s has ``max_count`` still -1.
+    """
+    clients = [SSEClient(host, port, path) for _ in range(n)]
+    gate = asyncio.Semaphore(concurrency)
+    failed = 0
+
+    async def open_one(client: SSEClient) -> None:
+        nonlocal failed
+        async with gate:
+            if failed >= concurrency:
+                client.error = "not tried: too many streams had failed already"
+                return
+            await client.connect()
+            # Holding the gate until the first event paces the server's thread creation.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(client.first_event.wait(), 30)
+            if client.max_count < 0:
+                failed += 1
+
+    await asyncio.gather(*(open_one(client) for client in clients))
+    return clients
+
+
+def _reply(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def hold(host: str, port: int, path: str, n: int, concurrency: int, out: str) -> None:
+    """Hold *n* streams and answer ``fanout.py``'s commands on stdin until ``dump``.
+
+    First line on stdout: ``{"opened", "not_open", "reasons", "connect_s"}``. Then,
+    for each line on stdin:
+
+    - ``mark``: ``{"events"}``, the events received so far by all streams;
+    - ``wait FINAL SECONDS``: wait until every open stream shows a count of FINAL
+      or more (or SECONDS passed), then ``{"done"}``;
+    - ``dump``: write every stream's arrivals to *out* (pickled: a list of
+      ``(counts, kernel times, seen times, error, timestamped)``, the first three
+      as arrays), close the streams, answer ``{"dumped"}`` and exit.
+
+    :param out: the file the arrivals go to.
+    """
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    clients = await open_clients(host, port, path, n, concurrency)
+    not_open = [c for c in clients if c.max_count < 0]
+    _reply(
+        {
+            "opened": n - len(not_open),
+            "not_open": len(not_open),
+            "reasons": sorted({c.error or "no first event in 30 s" for c in not_open})[:3],
+            "connect_s": time.monotonic() - started,
+        }
+    )
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return  # fanout.py is gone
+            command, *args = line.decode().split()
+            if command == "mark":
+                _reply({"events": sum(c.events for c in clients)})
+            elif command == "wait":
+                final, deadline = int(args[0]), time.monotonic() + float(args[1])
+                done = False
+                while time.monotonic() < deadline:
+                    done = all(c.max_count >= final or c.sock is None for c in clients)
+                    if done:
+                        break
+                    await asyncio.sleep(0.05)
+                _reply({"done": done})
+            elif command == "dump":
+                for client in clients:
+                    client.close()
+                data = [
+                    (
+                        array("q", [a[0] for a in c.arrivals]),
+                        array("d", [a[1] for a in c.arrivals]),
+                        array("d", [a[2] for a in c.arrivals]),
+                        c.error,
+                        c.timestamps > 0,
+                    )
+                    for c in clients
+                ]
+                with open(out, "wb") as f:
+                    pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+                _reply({"dumped": len(data)})
+                return
+            else:
+                raise SystemExit(f"unknown command {command!r}")
+    finally:
+        for client in clients:
+            client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The clicker of fanout.py (internal).")
+    parser = argparse.ArgumentParser(description="The load generator of fanout.py (internal).")
     sub = parser.add_subparsers(dest="command", required=True)
+    holder = sub.add_parser("hold")
+    holder.add_argument("--host", default="127.0.0.1")
+    holder.add_argument("--port", type=int, required=True)
+    holder.add_argument("--path", required=True)
+    holder.add_argument("--streams", type=int, required=True)
+    holder.add_argument("--concurrency", type=int, required=True)
+    holder.add_argument("--out", required=True)
     click = sub.add_parser("click")
     click.add_argument("--host", default="127.0.0.1")
     click.add_argument("--port", type=int, required=True)
     click.add_argument("--rate", type=float, required=True)
     click.add_argument("--count", type=int, required=True)
     click.add_argument("--start-at", type=float, required=True)
+    click.add_argument("--mark", type=int, default=0, help="first click of the window")
     args = parser.parse_args(argv)
-    result = run_clicker(args.host, args.port, args.rate, args.count, args.start_at)
+    if args.command == "hold":
+        coro = hold(args.host, args.port, args.path, args.streams, args.concurrency, args.out)
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(coro)
+        else:
+            # A cheaper loop leaves more of the core to parsing: the holders must not be
+            # the bottleneck at 10,000 streams.
+            uvloop.run(coro)
+        return 0
+    result = run_clicker(args.host, args.port, args.rate, args.count, args.start_at, args.mark)
     json.dump(result, sys.stdout)
     return 0
 
