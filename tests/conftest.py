@@ -28,6 +28,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="Replay tests/test_torture.py with this seed (printed by every run).",
     )
+    parser.addoption(
+        "--bench",
+        action="store_true",
+        default=False,
+        help="Also run the benchmark smoke test (tests/test_benchmarks.py, marker 'bench';"
+        " needs pip install -e '.[bench]'). Opt-in: it starts four servers.",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave the opt-in benchmark tests out unless ``--bench`` asks for them."""
+    if config.getoption("--bench"):
+        return
+    opted_in = [item for item in items if item.get_closest_marker("bench") is None]
+    if len(opted_in) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in opted_in])
+        items[:] = opted_in
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ Not a speed test (no timing is asserted): it checks that ``benchmarks/fanout.py`
 each server (flask_datastar and the thread-per-stream reference under gunicorn, the bare
 uvloop floor, datastar-py + Starlette on uvicorn), splits the streams between two holder
 processes, gets every click to every stream, and finds the same event bytes on every
-server, so that the ratios it reports compare the same work. About 25 s; skipped where
-the ``bench`` extra (uvloop, uvicorn, httptools, Starlette, datastar-py) is not installed.
+server, so that the ratios it reports compare the same work. About 25 s, so opt-in:
+``pytest --bench`` (marker ``bench``), with the ``bench`` extra installed (uvloop,
+uvicorn, httptools, Starlette, datastar-py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, _missing
 
 SERVERS = ["flask_datastar", "floor", "starlette", "reference"]
 BENCH_MODULES = ["gunicorn", "uvloop", "uvicorn", "httptools", "starlette", "datastar_py"]
 
 pytestmark = [
     pytest.mark.live,
+    pytest.mark.bench,
     pytest.mark.skipif(sys.platform != "linux", reason="the benchmark reads /proc"),
 ]
 
@@ -53,7 +55,7 @@ def run_benchmark(json_path: Path, timeout: float = 150) -> subprocess.Completed
 def test_fanout_benchmark_measures_every_server_with_the_same_bytes(tmp_path: Path) -> None:
     missing = [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"the benchmark's servers need {missing}: pip install -e '.[bench]'")
+        _missing(f"the benchmark's servers need {missing}: pip install -e '.[bench]'")
     json_path = tmp_path / "fanout.json"
     result = run_benchmark(json_path)
     assert result.returncode == 0, result.stdout + result.stderr
