@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_CSRF": True,
     "DATASTAR_CSRF_EXEMPT": (),
     "DATASTAR_TRUSTED_ORIGINS": (),
+    "DATASTAR_SELF_CHECK": True,
+    "DATASTAR_SELF_CHECK_IGNORE": (),
 }
 
 
@@ -79,6 +81,10 @@ class DatastarConfig:
     csrf_exempt: frozenset[str] = frozenset()
     #: Other origins (``scheme://host[:port]``) whose pages may send commands.
     trusted_origins: frozenset[str] = frozenset()
+    #: Whether the deployment self-check runs (see :mod:`flask_datastar.selfcheck`).
+    self_check: bool = True
+    #: Names of self-check traps not to warn about.
+    self_check_ignore: frozenset[str] = frozenset()
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -106,6 +112,8 @@ class DatastarConfig:
             csrf=guards.parse_csrf_mode(config["DATASTAR_CSRF"]),
             csrf_exempt=guards.parse_names(config["DATASTAR_CSRF_EXEMPT"]),
             trusted_origins=guards.parse_origins(config["DATASTAR_TRUSTED_ORIGINS"]),
+            self_check=_boolean(config["DATASTAR_SELF_CHECK"], "DATASTAR_SELF_CHECK"),
+            self_check_ignore=_check_names(config["DATASTAR_SELF_CHECK_IGNORE"]),
         )
 
 
@@ -114,6 +122,19 @@ def _integrity(value: Any) -> str | None:
     if not value:
         return None
     return client.validate_integrity(str(value))
+
+
+def _check_names(value: Any) -> frozenset[str]:
+    from .selfcheck import CHECKS
+
+    names = frozenset([value] if isinstance(value, str) else value or ())
+    unknown = sorted(str(name) for name in names - set(CHECKS))
+    if unknown:
+        raise ValueError(
+            f"DATASTAR_SELF_CHECK_IGNORE names unknown checks {unknown}; the checks are"
+            f" {', '.join(CHECKS)}."
+        )
+    return names
 
 
 def _boolean(value: Any, key: str) -> bool:

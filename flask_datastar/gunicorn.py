@@ -13,7 +13,10 @@ hooks the worker ends its streams as soon as it is told to stop, each client
 with a random retry delay so they do not all come back at once::
 
     # gunicorn.conf.py
-    from flask_datastar.gunicorn import post_worker_init, worker_exit
+    from flask_datastar.gunicorn import child_exit, post_worker_init, worker_exit
+
+:func:`child_exit` (in the master) drops an exited worker's gauges from
+``PROMETHEUS_MULTIPROCESS_DIR``, see :mod:`flask_datastar.metrics`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ import logging
 import threading
 from typing import Any
 
+from . import metrics, selfcheck
 from .stream import close_all_streams, drain_streams, set_process_stream_limit
 
-__all__ = ["DRAIN_SPREAD", "post_worker_init", "reserved_threads", "stream_limit", "worker_exit"]
+__all__ = [
+    "DRAIN_SPREAD",
+    "child_exit",
+    "post_worker_init",
+    "reserved_threads",
+    "stream_limit",
+    "worker_exit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,7 @@ def post_worker_init(worker: Any) -> None:
     threads = int(getattr(worker.cfg, "threads", 1) or 1)
     connections = int(getattr(worker.cfg, "worker_connections", 1000) or 1000)
     limit = stream_limit(worker_class, threads, connections)
+    selfcheck.note_gunicorn_worker(worker_class, threads, connections)
     if limit == 0:
         log.warning(
             "flask_datastar: gunicorn's sync worker serves one request at a time, and a"
@@ -87,3 +99,13 @@ def post_worker_init(worker: Any) -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     """End whatever stream is still open when the worker exits."""
     close_all_streams(reconnect=True)
+    metrics.flush()  # what the worker counted since its last write, before it is gone
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop the exited *worker*'s gauges from ``PROMETHEUS_MULTIPROCESS_DIR`` (in the master).
+
+    Its open streams stop counting as open; its counters stay. Does nothing
+    without that directory or without ``prometheus_client``.
+    """
+    metrics.mark_process_dead(worker.pid)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 from flask import Response, current_app, has_request_context, request, stream_with_context
 from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
+from . import metrics, selfcheck
 from .sse import SSE_HEADERS
 from .stream import (
     ASYNC_HANDLER,
@@ -59,6 +60,7 @@ def _identify(authorize: Authorize | None) -> Any:
     if allowed and authorize is not None:
         allowed = bool(authorize(identity))
     if not allowed:
+        metrics.stream_refused("auth")  # metrics
         if identity is None:
             raise Unauthorized("Log in to open this stream.")
         raise Forbidden("You may not open this stream.")
@@ -169,6 +171,7 @@ class DatastarResponse(Response):
         stream = Stream(environ, config, on_connect=on_connect, on_disconnect=on_disconnect)
         stream.identity = identity
         if not stream._admit(max_streams):
+            metrics.stream_refused("limit")  # metrics
             if max_streams == 0:
                 raise ServiceUnavailable(
                     "This server process takes no streams: gunicorn's sync worker serves one"
@@ -179,6 +182,7 @@ class DatastarResponse(Response):
                 " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"
                 " requests); try again later."
             )
+        metrics.stream_opened(stream)  # metrics: counted until _disconnect() counts it closed
         try:
             if identity is not None:
                 # Filed under its identity, so that a revocation reaches it in every
@@ -204,6 +208,7 @@ class DatastarResponse(Response):
             # The direct path checks gunicorn's own response object, which a
             # middleware wrapping start_response hides (and so turns it off).
             self.datastar_stream._server_response = getattr(start_response, "__self__", None)
+            selfcheck.stream_served(self, environ, start_response)  # self-check: once per trap
         return super().__call__(environ, start_response)
 
 

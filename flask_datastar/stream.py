@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import metrics, selfcheck
 from .sse import (
     ElementPatchMode,
     ElementPatchNamespace,
@@ -516,10 +517,12 @@ class Stream:
             else:
                 transport.write(chunk, bounded=not owner)
         except TransportClosed as e:
+            metrics.event_dropped(self)  # metrics: the event this stream could not take
             self._end_locked(str(e), abort=True)
             raise StreamClosed(f"The stream has ended ({e})", self) from None
         self._last_write = time.monotonic()
         self.sent_events += 1
+        metrics.event_sent(self, chunk)  # metrics: events, heartbeats and bytes sent
         if not transport.direct:
             self._notify()
 
@@ -685,6 +688,7 @@ class Stream:
                 done.set()
             with _open_lock:
                 _open.discard(self)
+            metrics.stream_closed(self)  # metrics: open streams by route
 
     def _take_direct_path(self) -> None:
         sock = None
@@ -745,6 +749,7 @@ class Stream:
         """The response iterator: drive *handler* and hand bytes to the server."""
         self._started = True
         self._owner = threading.get_ident()
+        selfcheck.stream_started(self)  # self-check: a hook that reads the body before the server
         handler_iter: Iterator[HandlerItem] | None = None
         server_ends = True  # the server writes the response's end after the last chunk
         try:
@@ -759,6 +764,8 @@ class Stream:
             if not self._closed:
                 handler_iter = self._start(handler)
             # Opened while the process stops: its first state, then to another worker.
+            if _draining[0] is not None:
+                metrics.stream_refused("draining", metrics.route_of(self))  # metrics
             yield from self._loop(handler_iter, leave=_draining[0])
         except GeneratorExit:
             server_ends = False  # a write failed, or the server stops: it writes no end
@@ -901,10 +908,12 @@ class Stream:
     def _step(self, fn: Callable[[], Any]) -> Any:
         previous = getattr(_local, "stream", None)
         _local.stream = self
+        started = time.monotonic()  # metrics: slow steps
         try:
             return fn()
         finally:
             _local.stream = previous
+            metrics.step_done(self, started)  # metrics: counts the step if it was slow
 
     def _loop(
         self, handler_iter: Iterator[HandlerItem] | None, leave: float | None = None
