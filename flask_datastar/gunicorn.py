@@ -16,7 +16,7 @@ with a random retry delay so they do not all come back at once::
     from flask_datastar.gunicorn import child_exit, post_worker_init, worker_exit
 
 :func:`child_exit` (in the master) drops an exited worker's gauges from
-``PROMETHEUS_MULTIPROCESS_DIR``, see :mod:`flask_datastar.metrics`.
+``PROMETHEUS_MULTIPROC_DIR``, see :mod:`flask_datastar.metrics`.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop the exited *worker*'s gauges from ``PROMETHEUS_MULTIPROCESS_DIR`` (in the master).
+    """Drop the exited *worker*'s gauges from ``PROMETHEUS_MULTIPROC_DIR`` (in the master).
 
     Its open streams stop counting as open; its counters stay. Does nothing
     without that directory or without ``prometheus_client``.

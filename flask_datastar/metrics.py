@@ -13,7 +13,7 @@ When ``prometheus_client`` is installed (``pip install
 "flask_datastar[prometheus]"``) the same numbers are exported as
 ``flask_datastar_*`` metrics in its default registry, so an existing
 ``/metrics`` endpoint shows them; :func:`metrics_view` serves one. Under
-gunicorn with ``PROMETHEUS_MULTIPROCESS_DIR`` set, each worker writes its
+gunicorn with ``PROMETHEUS_MULTIPROC_DIR`` set, each worker writes its
 numbers to that directory about once a second (and the worker that answers
 the scrape writes its own first), and the scrape adds them up across
 workers; :func:`flask_datastar.gunicorn.child_exit` drops the gauges of a
@@ -71,7 +71,7 @@ REFUSAL_REASONS = ("limit", "client_share", "draining", "auth")
 #: Upper bounds (seconds) of the bus lag histogram's buckets.
 BUS_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-#: Seconds between two writes of a worker's numbers to ``PROMETHEUS_MULTIPROCESS_DIR``.
+#: Seconds between two writes of a worker's numbers to ``PROMETHEUS_MULTIPROC_DIR``.
 SYNC_INTERVAL = 1.0
 
 #: A handler step that runs this many seconds or longer counts as slow
@@ -407,7 +407,7 @@ def snapshot() -> dict[str, Any]:
 
 def _multiprocess_dir() -> str | None:
     # The variable prometheus_client reads (its old lower-case spelling too).
-    return os.environ.get("PROMETHEUS_MULTIPROCESS_DIR") or os.environ.get(
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
         "prometheus_multiproc_dir"
     )
 
@@ -417,7 +417,7 @@ class _Exporter:
 
     Single process: at every scrape of the default registry (a collector
     registered first syncs before the metrics are read), no thread. Under
-    ``PROMETHEUS_MULTIPROCESS_DIR``: a daemon thread per process every
+    ``PROMETHEUS_MULTIPROC_DIR``: a daemon thread per process every
     :data:`SYNC_INTERVAL` seconds, since the scrape reads the other
     workers' files, not their memory.
     """
@@ -586,7 +586,7 @@ def flush() -> None:
 def prometheus_registry() -> Any:
     """Return the ``prometheus_client`` registry to scrape, after syncing this process.
 
-    Under ``PROMETHEUS_MULTIPROCESS_DIR`` a fresh registry that adds up every
+    Under ``PROMETHEUS_MULTIPROC_DIR`` a fresh registry that adds up every
     worker's files (``MultiProcessCollector``); otherwise the default
     registry, with the application's own metrics beside these.
 
@@ -635,7 +635,7 @@ def metrics_view() -> Callable[[], Response]:
 
 
 def mark_process_dead(pid: int) -> None:
-    """Drop the gauges of exited process *pid* from ``PROMETHEUS_MULTIPROCESS_DIR``.
+    """Drop the gauges of exited process *pid* from ``PROMETHEUS_MULTIPROC_DIR``.
 
     Its counters stay (they count what happened); its open streams no longer
     count as open. Does nothing without the directory or ``prometheus_client``.
