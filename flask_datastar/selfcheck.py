@@ -128,9 +128,10 @@ def _process_state() -> dict[str, Any]:
 
 
 def reset() -> None:
-    """Forget which traps this process has warned about, and which apps it has checked."""
+    """Forget which traps this process has warned about, which apps it has checked, and
+    what :func:`note_gunicorn_worker` said (for tests)."""
     with _lock:
-        _state.update(pid=os.getpid(), warned=set(), apps=set())
+        _state.update(pid=os.getpid(), warned=set(), apps=set(), worker=None)
 
 
 def note_gunicorn_worker(worker_class: str, threads: int, connections: int) -> None:
@@ -254,7 +255,7 @@ def _chain_findings(app: Flask) -> list[Finding]:
         name = _describe(current)
         why = _KNOWN_BUFFERING.get(name)
         if why is None and _suspect(name):
-            why = "by its name, compresses or buffers response bodies"
+            why = "seems, by its name, to compress or buffer response bodies"
         if why is not None:
             found.append(
                 Finding(
