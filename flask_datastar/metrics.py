@@ -407,9 +407,7 @@ def snapshot() -> dict[str, Any]:
 
 def _multiprocess_dir() -> str | None:
     # The variable prometheus_client reads (its old lower-case spelling too).
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
-        "prometheus_multiproc_dir"
-    )
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
 
 
 class _Exporter:

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from flask import Flask
+    from werkzeug.datastructures import Headers
 
     from .response import DatastarResponse
     from .stream import Stream
@@ -471,7 +472,7 @@ def check(
     app: Flask,
     environ: Mapping[str, Any] | None = None,
     start_response: object = None,
-    headers: _Headers | None = None,
+    headers: Mapping[str, str] | Headers | None = None,
 ) -> list[Finding]:
     """Run every check for *app* (and a stream's request, when given) and return what it finds.
 
