@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from . import metrics
+
 if TYPE_CHECKING:
     import redis
     from redis.client import PubSub
@@ -479,6 +481,7 @@ class RedisBus:
         with self._lock:
             self._connected = True
         if self._deaf_since is not None:
+            metrics.bus_reconnected()  # metrics
             log.warning(
                 "flask_datastar: the Redis subscription at %s is back after %.1f s; resyncing"
                 " every stream of this process.",

@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_CSRF": True,
     "DATASTAR_CSRF_EXEMPT": (),
     "DATASTAR_TRUSTED_ORIGINS": (),
+    "DATASTAR_SELF_CHECK": True,
+    "DATASTAR_SELF_CHECK_IGNORE": (),
 }
 
 
@@ -91,6 +93,10 @@ class DatastarConfig:
     #: The scheduler's pool threads, and the seconds after which a step is slow.
     scheduler_threads: int = 2
     slow_step: float = 0.5
+    #: Whether the deployment self-check runs (see :mod:`flask_datastar.selfcheck`).
+    self_check: bool = True
+    #: Names of self-check traps not to warn about.
+    self_check_ignore: frozenset[str] = frozenset()
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -124,6 +130,8 @@ class DatastarConfig:
             ),
             scheduler_threads=number("DATASTAR_SCHEDULER_THREADS", int, 1),
             slow_step=number("DATASTAR_SLOW_STEP", float, 0.001),
+            self_check=_boolean(config["DATASTAR_SELF_CHECK"], "DATASTAR_SELF_CHECK"),
+            self_check_ignore=_check_names(config["DATASTAR_SELF_CHECK_IGNORE"]),
         )
 
 
@@ -141,6 +149,19 @@ def _integrity(value: Any) -> str | None:
     if not value:
         return None
     return client.validate_integrity(str(value))
+
+
+def _check_names(value: Any) -> frozenset[str]:
+    from .selfcheck import CHECKS
+
+    names = frozenset([value] if isinstance(value, str) else value or ())
+    unknown = sorted(str(name) for name in names - set(CHECKS))
+    if unknown:
+        raise ValueError(
+            f"DATASTAR_SELF_CHECK_IGNORE names unknown checks {unknown}; the checks are"
+            f" {', '.join(CHECKS)}."
+        )
+    return names
 
 
 def _boolean(value: Any, key: str) -> bool:

@@ -22,7 +22,10 @@ A stream over a cap is turned away so that the Datastar client retries it by
 itself, a few seconds later (a 200 that says ``retry:`` and is then cut)::
 
     # gunicorn.conf.py
-    from flask_datastar.gunicorn import post_worker_init, worker_exit
+    from flask_datastar.gunicorn import child_exit, post_worker_init, worker_exit
+
+:func:`child_exit` (in the master) drops an exited worker's gauges from
+``PROMETHEUS_MULTIPROC_DIR``, see :mod:`flask_datastar.metrics`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import threading
 import time
 from typing import Any
 
+from . import metrics, selfcheck
 from .stream import close_all_streams, drain_streams, open_streams, set_process_stream_limit
 
 __all__ = [
     "DRAIN_SPREAD",
+    "child_exit",
     "post_worker_init",
     "raise_open_file_limit",
     "reserved_files",
@@ -141,6 +146,7 @@ def post_worker_init(worker: Any) -> None:
     connections = int(getattr(worker.cfg, "worker_connections", 1000) or 1000)
     files = raise_open_file_limit()
     limit, held = stream_limits(worker_class, threads, connections, files)
+    selfcheck.note_gunicorn_worker(worker_class, threads, connections)
     if limit == 0:
         log.warning(
             "flask_datastar: gunicorn's sync worker serves one request at a time, and a"
@@ -172,3 +178,13 @@ def worker_exit(server: Any, worker: Any) -> None:
     deadline = time.monotonic() + EXIT_WAIT
     while open_streams() and time.monotonic() < deadline:
         time.sleep(0.02)
+    metrics.flush()  # what the worker counted since its last write, before it is gone
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop the exited *worker*'s gauges from ``PROMETHEUS_MULTIPROC_DIR`` (in the master).
+
+    Its open streams stop counting as open; its counters stay. Does nothing
+    without that directory or without ``prometheus_client``.
+    """
+    metrics.mark_process_dead(worker.pid)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import Forbidden, Unauthorized
 
+from . import metrics
 from .stream import StreamClosed, check_event
 from .transport import Chunk
 
@@ -699,6 +700,7 @@ class SSERegistry:
             message["c"] = coalesce
         if end:
             message["x"] = end
+        metrics.bus_stamp(message)  # metrics: the publish time, for the bus lag
         try:
             payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
         except TypeError:
@@ -712,6 +714,7 @@ class SSERegistry:
             # Our own streams get it back through the bus, like every other process.
             bus.publish(self._channel, payload)
         except OSError as e:
+            metrics.bus_publish_failed()  # metrics
             # The command goes on, and this process's streams still get the event; the
             # other processes are told to resync by the next publish that works.
             self._resync_owed = True
@@ -750,6 +753,7 @@ class SSERegistry:
 
     def _on_bus_message(self, payload: bytes) -> None:
         message = json.loads(payload)
+        metrics.bus_received(message)  # metrics: messages and bus lag
         message_id = message.get("i")
         if isinstance(message_id, str):
             if "r" in message and message_id.partition(":")[0] == self._own_origin():
@@ -855,6 +859,7 @@ class SSERegistry:
                     if item.slot is not None and self._latest.get(item.slot) is item:
                         del self._latest[item.slot]
                     if item.superseded:
+                        metrics.events_coalesced()  # metrics
                         continue
                     self._busy = True
             if unsubscribe:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 from flask import Response, current_app, has_request_context, request
 from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
+from . import metrics, selfcheck
 from .sse import SSE_HEADERS
 from .stream import (
     ASYNC_HANDLER,
@@ -67,6 +68,7 @@ def _identify(authorize: Authorize | None) -> Any:
     if allowed and authorize is not None:
         allowed = bool(authorize(identity))
     if not allowed:
+        metrics.stream_refused("auth")  # metrics
         if identity is None:
             raise Unauthorized("Log in to open this stream.")
         raise Forbidden("You may not open this stream.")
@@ -111,6 +113,10 @@ _REFUSALS = {
     "client": "this client holds its share of the streams (DATASTAR_CLIENT_SHARE)",
     "draining": "this server process is stopping",
 }
+
+
+#: The metrics' name of each reason a stream is turned away for.
+_REFUSAL_METRIC = {"full": "limit", "threads": "threads", "client": "client_share"}
 
 
 def _refusal_body(environ: Any, reason: str) -> Iterator[bytes] | None:
@@ -260,6 +266,7 @@ class DatastarResponse(Response):
         )
         if refused is not None:
             return self._refuse(environ, refused, limit)
+        metrics.stream_opened(stream)  # metrics: counted until _disconnect() counts it closed
         try:
             stream._hold_request()
             if identity is not None:
@@ -282,6 +289,7 @@ class DatastarResponse(Response):
 
     def _refuse(self, environ: Any, reason: str, limit: int | None) -> Any:
         """Turn a stream away so that its client comes back by itself, later."""
+        metrics.stream_refused(_REFUSAL_METRIC.get(reason, reason))  # metrics
         log.info(
             "flask_datastar: refused a stream of %s: %s",
             environ.get("PATH_INFO", ""),
@@ -304,6 +312,7 @@ class DatastarResponse(Response):
             # The direct path checks gunicorn's own response object, which a
             # middleware wrapping start_response hides (and so turns it off).
             self.datastar_stream._server_response = getattr(start_response, "__self__", None)
+            selfcheck.stream_served(self, environ, start_response)  # self-check: once per trap
         return super().__call__(environ, start_response)
 
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import metrics, selfcheck
 from .scheduler import Job, scheduler
 from .sse import (
     ElementPatchMode,
@@ -606,10 +607,12 @@ class Stream:
             else:
                 transport.write(chunk, bounded=not owner)
         except TransportClosed as e:
+            metrics.event_dropped(self)  # metrics: the event this stream could not take
             self._end_locked(str(e), abort=True)
             raise StreamClosed(f"The stream has ended ({e})", self) from None
         self._last_write = time.monotonic()
         self.sent_events += 1
+        metrics.event_sent(self, chunk)  # metrics: events, heartbeats and bytes sent
         if not transport.direct:
             self._notify()
 
@@ -852,6 +855,7 @@ class Stream:
                     if self._holds_thread:
                         _thread_held[0] -= 1
                         self._holds_thread = False
+            metrics.stream_closed(self)  # metrics: open streams by route
 
     def _take_direct_path(self) -> None:
         sock = None
@@ -920,6 +924,7 @@ class Stream:
         """
         self._started = True
         self._owner = threading.get_ident()
+        selfcheck.stream_started(self)  # self-check: a hook that reads the body before the server
         handler_iter: Iterator[HandlerItem] | None = None
         server_ends = True  # the server writes the response's end after the last chunk
         handed_off = False
@@ -1360,10 +1365,12 @@ class Stream:
     def _step(self, fn: Callable[[], Any]) -> Any:
         previous = getattr(_local, "stream", None)
         _local.stream = self
+        started = time.monotonic()  # metrics: slow steps
         try:
             return self._enter(fn)
         finally:
             _local.stream = previous
+            metrics.step_done(self, started)  # metrics: counts the step if it was slow
 
     def _loop(
         self, handler_iter: Iterator[HandlerItem] | None, leave: float | None = None
