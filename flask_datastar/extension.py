@@ -10,9 +10,16 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import actions, client, guards
+from . import actions, client, compression, guards
 from .registry import LINGER, SSERegistry
-from .response import Authorize, DatastarResponse, StreamDecorator, StreamView, sse_stream
+from .response import (
+    Authorize,
+    Compress,
+    DatastarResponse,
+    StreamDecorator,
+    StreamView,
+    sse_stream,
+)
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
 from .stream import Hook, Stream, StreamConfig
 
@@ -52,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_CSRF": True,
     "DATASTAR_CSRF_EXEMPT": (),
     "DATASTAR_TRUSTED_ORIGINS": (),
+    # Compression (flask_datastar.compression): True is zstd, gzip, br, where installed.
+    "DATASTAR_COMPRESSION": True,
+    "DATASTAR_COMPRESSION_WINDOW": compression.DEFAULT_WINDOW,
 }
 
 
@@ -79,6 +89,10 @@ class DatastarConfig:
     csrf_exempt: frozenset[str] = frozenset()
     #: Other origins (``scheme://host[:port]``) whose pages may send commands.
     trusted_origins: frozenset[str] = frozenset()
+    #: The encodings streams may be compressed with, most preferred first (empty: off).
+    compression: tuple[str, ...] = ()
+    #: The base-2 logarithm of each stream compressor's window.
+    compression_window_bits: int = 12
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -106,6 +120,8 @@ class DatastarConfig:
             csrf=guards.parse_csrf_mode(config["DATASTAR_CSRF"]),
             csrf_exempt=guards.parse_names(config["DATASTAR_CSRF_EXEMPT"]),
             trusted_origins=guards.parse_origins(config["DATASTAR_TRUSTED_ORIGINS"]),
+            compression=compression.parse_compression(config["DATASTAR_COMPRESSION"]),
+            compression_window_bits=compression.parse_window(config["DATASTAR_COMPRESSION_WINDOW"]),
         )
 
 
@@ -467,6 +483,7 @@ class FlaskDatastar:
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        compress: Compress = None,
     ) -> StreamDecorator: ...
     def sse(
         self,
@@ -475,6 +492,7 @@ class FlaskDatastar:
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        compress: Compress = None,
     ) -> Any:
         """Decorate a view as a stream handler: ``@datastar.sse(on_connect=...)``.
 
@@ -482,9 +500,14 @@ class FlaskDatastar:
         ``authorize(identity)`` after the app's :meth:`authorizer`, decides
         whether this client may open this stream: a false answer is a 401 (no
         identity) or a 403, with no event, and ``on_connect`` does not run.
+        *compress* is this route's compression (``False``: never compressed;
+        see :func:`~flask_datastar.sse_response`).
         """
         decorate = sse_stream(
-            on_connect=on_connect, on_disconnect=on_disconnect, authorize=authorize
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            authorize=authorize,
+            compress=compress,
         )
         return decorate(view) if view is not None else decorate
 

@@ -6,12 +6,13 @@ import functools
 import inspect
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 
 from flask import Response, current_app, has_request_context, request, stream_with_context
 from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
+from . import compression
 from .sse import SSE_HEADERS
 from .stream import (
     ASYNC_HANDLER,
@@ -42,6 +43,9 @@ Content = str | bytes | Iterable[Any] | None
 
 #: A stream view's own check: called with the identity, in the view; false refuses.
 Authorize = Callable[[Any], object]
+#: A route's compression: ``None`` follows ``DATASTAR_COMPRESSION``, ``False`` turns it
+#: off, ``True`` turns it on, a list names the encodings (see :mod:`~flask_datastar.compression`).
+Compress = bool | Sequence[str] | None
 
 
 def _identify(authorize: Authorize | None) -> Any:
@@ -73,6 +77,31 @@ def _settings() -> tuple[StreamConfig, int | None]:
     return state.stream_config, process_stream_limit() if limit is None else limit
 
 
+def _encoding(compress: Compress, headers: dict[str, str]) -> tuple[str | None, int, bool]:
+    """Choose this response's ``Content-Encoding`` (compression; see :mod:`.compression`).
+
+    :return: the encoding (``None``: identity), the window's bits, and whether the
+        answer depends on ``Accept-Encoding`` (then the response says ``Vary``).
+    """
+    state = current_app.extensions.get("datastar") if has_request_context() else None
+    config = None if state is None else state.config
+    window_bits = compression.parse_window(compression.DEFAULT_WINDOW)
+    if config is not None:
+        window_bits = config.compression_window_bits
+    if compress is None or compress is True:
+        offered = compression.parse_compression(True) if config is None else config.compression
+        if compress is True and not offered:
+            offered = compression.parse_compression(True)  # on here, off for the app
+    else:
+        offered = compression.parse_compression(compress, "compress")
+    if not offered or not has_request_context():
+        return None, window_bits, False
+    if any(name.lower() == "content-encoding" for name in headers):
+        return None, window_bits, False  # the application encodes the body itself
+    chosen = compression.negotiate(request.headers.get("Accept-Encoding"), offered)
+    return chosen, window_bits, True
+
+
 class DatastarResponse(Response):
     """A ``text/event-stream`` response with the Datastar headers.
 
@@ -91,6 +120,11 @@ class DatastarResponse(Response):
     :param authorize: with *handler* or a generator, called as
         ``authorize(identity)`` in the view before the stream opens; a false
         answer is a 401 (no identity) or 403, with no event.
+    :param compress: with *handler* or a generator, whether to compress the
+        stream: ``None`` follows ``DATASTAR_COMPRESSION``, ``False`` turns
+        it off for this response, ``True`` turns it on, a list names the
+        encodings in order of preference. The encoding is negotiated from
+        the request's ``Accept-Encoding``.
     """
 
     default_mimetype = "text/event-stream"
@@ -108,6 +142,7 @@ class DatastarResponse(Response):
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
+        compress: Compress = None,
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
@@ -130,8 +165,10 @@ class DatastarResponse(Response):
             refuse_async(handler, "The stream handler")
             if content is not None:
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
-            body = self._open(handler, on_connect, on_disconnect, authorize)
+            encoding, bits, vary = _encoding(compress, all_headers)
+            body = self._open(handler, on_connect, on_disconnect, authorize, encoding, bits)
             super().__init__(body, status, all_headers, **kwargs)
+            self._set_encoding(encoding, vary)
         elif content is None:
             # Nothing to send: 204, as datastar-py answers (the client does nothing).
             super().__init__(None, 204 if status is None else status, all_headers, **kwargs)
@@ -147,9 +184,17 @@ class DatastarResponse(Response):
             def handler(gen: Stream) -> Iterable[Any]:
                 return events
 
-            super().__init__(
-                self._open(handler, None, None, authorize), status, all_headers, **kwargs
-            )
+            encoding, bits, vary = _encoding(compress, all_headers)
+            body = self._open(handler, None, None, authorize, encoding, bits)
+            super().__init__(body, status, all_headers, **kwargs)
+            self._set_encoding(encoding, vary)
+
+    def _set_encoding(self, encoding: str | None, vary: bool) -> None:
+        if encoding is not None:
+            self.headers["Content-Encoding"] = encoding
+        if vary:
+            # Caches must not hand one client's encoding to another.
+            self.vary.add("Accept-Encoding")
 
     def _open(
         self,
@@ -157,6 +202,8 @@ class DatastarResponse(Response):
         on_connect: Hook | None,
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
+        encoding: str | None = None,
+        window_bits: int = 12,
     ) -> Any:
         # Before anything else, HEAD included: a refused client learns nothing more,
         # and takes no stream slot.
@@ -179,6 +226,9 @@ class DatastarResponse(Response):
                 " (DATASTAR_MAX_STREAMS, or gunicorn's --threads less a reserve for other"
                 " requests); try again later."
             )
+        if encoding is not None:
+            # Compression: set before on_connect, whose events are the first compressed.
+            stream._encoder = compression.make_encoder(encoding, window_bits)
         try:
             if identity is not None:
                 # Filed under its identity, so that a revocation reaches it in every
@@ -219,6 +269,7 @@ def sse_response(
     status: int | None = None,
     headers: dict[str, str] | None = None,
     authorize: Authorize | None = None,
+    compress: Compress = None,
 ) -> DatastarResponse:
     """Return a streaming response that runs ``handler(gen)`` on a new stream.
 
@@ -236,6 +287,9 @@ def sse_response(
         the app's :meth:`~flask_datastar.FlaskDatastar.authorizer` and before
         ``on_connect``; a false answer is a 401 (no identity) or a 403, and
         no stream opens.
+    :param compress: ``False`` sends this stream uncompressed whatever
+        ``DATASTAR_COMPRESSION`` says; ``True`` or a list of encodings turns
+        compression on for it; ``None`` follows the app.
     """
     return DatastarResponse(
         None,
@@ -245,6 +299,7 @@ def sse_response(
         on_connect=on_connect,
         on_disconnect=on_disconnect,
         authorize=authorize,
+        compress=compress,
     )
 
 
@@ -257,6 +312,7 @@ def sse_stream(
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
+    compress: Compress = None,
 ) -> StreamDecorator: ...
 def sse_stream(
     view: StreamView[Any] | None = None,
@@ -264,6 +320,7 @@ def sse_stream(
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
+    compress: Compress = None,
 ) -> Any:
     """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
 
@@ -281,8 +338,9 @@ def sse_stream(
     :param on_disconnect: called exactly once when the stream ends.
     :param authorize: called as ``authorize(identity)`` before the stream
         opens; see :func:`sse_response`.
+    :param compress: this route's compression; see :func:`sse_response`.
     """
-    decorate = _StreamDecorator(on_connect, on_disconnect, authorize)
+    decorate = _StreamDecorator(on_connect, on_disconnect, authorize, compress)
     return decorate(view) if view is not None else decorate
 
 
@@ -292,10 +350,14 @@ class _StreamDecorator:
         on_connect: Hook | None,
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
+        compress: Compress = None,
     ) -> None:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.authorize = authorize
+        if compress is not None and not isinstance(compress, bool):
+            compression.parse_compression(compress, "compress")  # a mistake fails here, once
+        self.compress = compress
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
         refuse_async(view, "The stream view")
@@ -307,6 +369,7 @@ class _StreamDecorator:
                 on_connect=self.on_connect,
                 on_disconnect=self.on_disconnect,
                 authorize=self.authorize,
+                compress=self.compress,
             )
 
         return wrapper
