@@ -18,7 +18,7 @@ Memory is what limits the number of tabs: each stream has its own
 compressor, so the window and the compressor's tables are kept small (a
 4 KiB window by default; see ``DATASTAR_COMPRESSION_WINDOW``). Measured per
 stream after a minute of the demo's stream (``benchmarks/compression.py``):
-about 57 KiB with zstd, 38 KiB with gzip, and over 300 KiB with brotli, whose
+about 55 KiB with zstd, 36 KiB with gzip, and over 300 KiB with brotli, whose
 hash tables have a fixed size whatever the window: brotli is therefore last
 in the default order.
 """
@@ -225,9 +225,9 @@ class Encoder:
     Not thread-safe: a stream calls it under its own lock, which also keeps
     the compressed bytes in the order of the events.
 
-    :attr name: the ``Content-Encoding`` token.
-    :attr raw_bytes: bytes given to :meth:`compress` so far.
-    :attr wire_bytes: compressed bytes returned so far (with :meth:`finish`'s).
+    :ivar name: the ``Content-Encoding`` token.
+    :ivar raw_bytes: bytes given to :meth:`compress` so far.
+    :ivar wire_bytes: compressed bytes returned so far (with :meth:`finish`'s).
     """
 
     __slots__ = ("raw_bytes", "wire_bytes")
