@@ -11,9 +11,16 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import actions, client, guards, scheduler
+from . import actions, client, compression, guards, scheduler
 from .registry import LINGER, SSERegistry
-from .response import Authorize, DatastarResponse, StreamDecorator, StreamView, sse_stream
+from .response import (
+    Authorize,
+    Compress,
+    DatastarResponse,
+    StreamDecorator,
+    StreamView,
+    sse_stream,
+)
 from .signals import DEFAULT_MAX_SIGNALS_BYTES
 from .stream import Hook, Stream, StreamConfig
 
@@ -59,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_TRUSTED_ORIGINS": (),
     "DATASTAR_SELF_CHECK": True,
     "DATASTAR_SELF_CHECK_IGNORE": (),
+    # Compression (flask_datastar.compression): True is zstd, gzip, br, where installed.
+    "DATASTAR_COMPRESSION": True,
+    "DATASTAR_COMPRESSION_WINDOW": compression.DEFAULT_WINDOW,
 }
 
 
@@ -97,6 +107,10 @@ class DatastarConfig:
     self_check: bool = True
     #: Names of self-check traps not to warn about.
     self_check_ignore: frozenset[str] = frozenset()
+    #: The encodings streams may be compressed with, most preferred first (empty: off).
+    compression: tuple[str, ...] = ()
+    #: The base-2 logarithm of each stream compressor's window.
+    compression_window_bits: int = 12
 
     @classmethod
     def from_mapping(cls, config: Any) -> DatastarConfig:
@@ -132,6 +146,8 @@ class DatastarConfig:
             slow_step=number("DATASTAR_SLOW_STEP", float, 0.001),
             self_check=_boolean(config["DATASTAR_SELF_CHECK"], "DATASTAR_SELF_CHECK"),
             self_check_ignore=_check_names(config["DATASTAR_SELF_CHECK_IGNORE"]),
+            compression=compression.parse_compression(config["DATASTAR_COMPRESSION"]),
+            compression_window_bits=compression.parse_window(config["DATASTAR_COMPRESSION_WINDOW"]),
         )
 
 
@@ -524,6 +540,7 @@ class FlaskDatastar:
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
         own_thread: bool = False,
+        compress: Compress = None,
     ) -> StreamDecorator: ...
     def sse(
         self,
@@ -533,6 +550,7 @@ class FlaskDatastar:
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
         own_thread: bool = False,
+        compress: Compress = None,
     ) -> Any:
         """Decorate a view as a stream handler: ``@datastar.sse(on_connect=...)``.
 
@@ -543,12 +561,15 @@ class FlaskDatastar:
         *own_thread* runs the handler on the server's thread for the stream's
         whole life instead of the scheduler's pool, for a handler that blocks
         between two yields (see :mod:`flask_datastar.scheduler`).
+        *compress* is this route's compression (``False``: never compressed;
+        see :func:`~flask_datastar.sse_response`).
         """
         decorate = sse_stream(
             on_connect=on_connect,
             on_disconnect=on_disconnect,
             authorize=authorize,
             own_thread=own_thread,
+            compress=compress,
         )
         return decorate(view) if view is not None else decorate
 

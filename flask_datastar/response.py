@@ -9,14 +9,14 @@ import random
 import re
 import socket
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, overload
 
 from flask import Response, current_app, has_request_context, request
 from werkzeug.exceptions import Forbidden, ServiceUnavailable, Unauthorized
 
-from . import metrics, selfcheck
+from . import compression, metrics, selfcheck
 from .sse import SSE_HEADERS
 from .stream import (
     ASYNC_HANDLER,
@@ -51,6 +51,9 @@ Content = str | bytes | Iterable[Any] | None
 
 #: A stream view's own check: called with the identity, in the view; false refuses.
 Authorize = Callable[[Any], object]
+#: A route's compression: ``None`` follows ``DATASTAR_COMPRESSION``, ``False`` turns it
+#: off, ``True`` turns it on, a list names the encodings (see :mod:`~flask_datastar.compression`).
+Compress = bool | Sequence[str] | None
 
 
 def _identify(authorize: Authorize | None) -> Any:
@@ -144,6 +147,31 @@ def _refusal_body(environ: Any, reason: str) -> Iterator[bytes] | None:
     return body()
 
 
+def _encoding(compress: Compress, headers: dict[str, str]) -> tuple[str | None, int, bool]:
+    """Choose this response's ``Content-Encoding`` (compression; see :mod:`.compression`).
+
+    :return: the encoding (``None``: identity), the window's bits, and whether the
+        answer depends on ``Accept-Encoding`` (then the response says ``Vary``).
+    """
+    state = current_app.extensions.get("datastar") if has_request_context() else None
+    config = None if state is None else state.config
+    window_bits = compression.parse_window(compression.DEFAULT_WINDOW)
+    if config is not None:
+        window_bits = config.compression_window_bits
+    if compress is None or compress is True:
+        offered = compression.parse_compression(True) if config is None else config.compression
+        if compress is True and not offered:
+            offered = compression.parse_compression(True)  # on here, off for the app
+    else:
+        offered = compression.parse_compression(compress, "compress")
+    if not offered or not has_request_context():
+        return None, window_bits, False
+    if any(name.lower() == "content-encoding" for name in headers):
+        return None, window_bits, False  # the application encodes the body itself
+    chosen = compression.negotiate(request.headers.get("Accept-Encoding"), offered)
+    return chosen, window_bits, True
+
+
 class DatastarResponse(Response):
     """A ``text/event-stream`` response with the Datastar headers.
 
@@ -165,6 +193,11 @@ class DatastarResponse(Response):
     :param own_thread: run the handler on the server's thread for the
         stream's whole life instead of the scheduler's pool: for a handler
         that blocks between two yields (see :mod:`flask_datastar.scheduler`).
+    :param compress: with *handler* or a generator, whether to compress the
+        stream: ``None`` follows ``DATASTAR_COMPRESSION``, ``False`` turns
+        it off for this response, ``True`` turns it on, a list names the
+        encodings in order of preference. The encoding is negotiated from
+        the request's ``Accept-Encoding``.
     """
 
     default_mimetype = "text/event-stream"
@@ -183,6 +216,7 @@ class DatastarResponse(Response):
         on_disconnect: Hook | None = None,
         authorize: Authorize | None = None,
         own_thread: bool = False,
+        compress: Compress = None,
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
@@ -205,8 +239,12 @@ class DatastarResponse(Response):
             refuse_async(handler, "The stream handler")
             if content is not None:
                 raise TypeError("Pass either 'content' or 'handler' to DatastarResponse, not both.")
-            body = self._open(handler, on_connect, on_disconnect, authorize, own_thread)
+            encoding, bits, vary = _encoding(compress, all_headers)
+            body = self._open(
+                handler, on_connect, on_disconnect, authorize, own_thread, encoding, bits
+            )
             super().__init__(body, status, all_headers, **kwargs)
+            self._set_encoding(encoding, vary)
         elif content is None:
             # Nothing to send: 204, as datastar-py answers (the client does nothing).
             super().__init__(None, 204 if status is None else status, all_headers, **kwargs)
@@ -222,12 +260,22 @@ class DatastarResponse(Response):
             def handler(gen: Stream) -> Iterable[Any]:
                 return events
 
-            super().__init__(
-                self._open(handler, None, None, authorize, own_thread),
-                status,
-                all_headers,
-                **kwargs,
-            )
+            encoding, bits, vary = _encoding(compress, all_headers)
+            body = self._open(handler, None, None, authorize, own_thread, encoding, bits)
+            super().__init__(body, status, all_headers, **kwargs)
+            self._set_encoding(encoding, vary)
+
+    def _set_encoding(self, encoding: str | None, vary: bool) -> None:
+        if self.datastar_stream is None:
+            return  # turned away (its few bytes are plain), or a HEAD request
+        if encoding is not None:
+            self.headers["Content-Encoding"] = encoding
+            # The stream's own encoding: the self-check must not take it for a middleware's.
+            if has_request_context():
+                request.environ["flask_datastar.encoding"] = encoding
+        if vary:
+            # Caches must not hand one client's encoding to another.
+            self.vary.add("Accept-Encoding")
 
     def _open(
         self,
@@ -236,6 +284,8 @@ class DatastarResponse(Response):
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
         own_thread: bool = False,
+        encoding: str | None = None,
+        window_bits: int = 12,
     ) -> Any:
         # Before anything else, HEAD included: a refused client learns nothing more,
         # and takes no stream slot.
@@ -267,6 +317,9 @@ class DatastarResponse(Response):
         if refused is not None:
             return self._refuse(environ, refused, limit)
         metrics.stream_opened(stream)  # metrics: counted until _disconnect() counts it closed
+        if encoding is not None:
+            # Compression: set before on_connect, whose events are the first compressed.
+            stream._encoder = compression.make_encoder(encoding, window_bits)
         try:
             stream._hold_request()
             if identity is not None:
@@ -329,6 +382,7 @@ def sse_response(
     headers: dict[str, str] | None = None,
     authorize: Authorize | None = None,
     own_thread: bool = False,
+    compress: Compress = None,
 ) -> DatastarResponse:
     """Return a streaming response that runs ``handler(gen)`` on a new stream.
 
@@ -348,6 +402,9 @@ def sse_response(
         no stream opens.
     :param own_thread: run the handler on the server's thread for the
         stream's whole life, not on the scheduler (for handlers that block).
+    :param compress: ``False`` sends this stream uncompressed whatever
+        ``DATASTAR_COMPRESSION`` says; ``True`` or a list of encodings turns
+        compression on for it; ``None`` follows the app.
     """
     return DatastarResponse(
         None,
@@ -358,6 +415,7 @@ def sse_response(
         on_disconnect=on_disconnect,
         authorize=authorize,
         own_thread=own_thread,
+        compress=compress,
     )
 
 
@@ -371,6 +429,7 @@ def sse_stream(
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
     own_thread: bool = False,
+    compress: Compress = None,
 ) -> StreamDecorator: ...
 def sse_stream(
     view: StreamView[Any] | None = None,
@@ -379,6 +438,7 @@ def sse_stream(
     on_disconnect: Hook | None = None,
     authorize: Authorize | None = None,
     own_thread: bool = False,
+    compress: Compress = None,
 ) -> Any:
     """Turn a view into a stream handler: it is called as ``view(gen, **view_args)``.
 
@@ -398,8 +458,9 @@ def sse_stream(
         opens; see :func:`sse_response`.
     :param own_thread: run the handler on the server's thread for the
         stream's whole life, not on the scheduler (for handlers that block).
+    :param compress: this route's compression; see :func:`sse_response`.
     """
-    decorate = _StreamDecorator(on_connect, on_disconnect, authorize, own_thread)
+    decorate = _StreamDecorator(on_connect, on_disconnect, authorize, own_thread, compress)
     return decorate(view) if view is not None else decorate
 
 
@@ -410,11 +471,15 @@ class _StreamDecorator:
         on_disconnect: Hook | None,
         authorize: Authorize | None = None,
         own_thread: bool = False,
+        compress: Compress = None,
     ) -> None:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.authorize = authorize
         self.own_thread = own_thread
+        if compress is not None and not isinstance(compress, bool):
+            compression.parse_compression(compress, "compress")  # a mistake fails here, once
+        self.compress = compress
 
     def __call__(self, view: StreamView[P], /) -> Callable[P, DatastarResponse]:
         refuse_async(view, "The stream view")
@@ -427,6 +492,7 @@ class _StreamDecorator:
                 on_disconnect=self.on_disconnect,
                 authorize=self.authorize,
                 own_thread=self.own_thread,
+                compress=self.compress,
             )
 
         return wrapper

@@ -61,6 +61,7 @@ from .transport import (
 )
 
 if TYPE_CHECKING:
+    from .compression import Encoder
     from .registry import SSERegistry
 
 __all__ = [
@@ -331,6 +332,7 @@ class Stream:
         "_error",
         "_client_key",
         "_holds_thread",
+        "_encoder",  # compression: this stream's compressor, or None
     )
 
     def __init__(
@@ -393,6 +395,8 @@ class Stream:
         self._error: BaseException | None = None
         self._client_key: Any = None
         self._holds_thread = False
+        # Compression (flask_datastar.compression): set by the response before on_connect.
+        self._encoder: Encoder | None = None
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
@@ -593,6 +597,11 @@ class Stream:
     def _write_locked(self, chunk: Chunk, owner: bool) -> None:
         if self._closed:
             raise StreamClosed(f"The stream has ended ({self._close_reason}).", self)
+        if self._encoder is not None:
+            # Compression: this stream's own chunk, compressed in send order under its lock.
+            raw = len(chunk.data)
+            chunk = Chunk(self._encoder.compress(chunk.data))
+            metrics.stream_encoded(self._encoder.name, raw, len(chunk.data))  # metrics
         transport = self._transport
         try:
             # No send ever waits here, where the application may hold its own locks.
@@ -674,6 +683,8 @@ class Stream:
 
     def _end_locked(self, reason: str, abort: bool) -> None:
         if not self._closed:
+            if not abort and self._encoder is not None:
+                self._finish_encoding_locked()  # compression: a clean end ends the body
             self._closed = True
             self._abort = abort
             self._close_reason = reason
@@ -689,6 +700,20 @@ class Stream:
             self._transport.close()
         self._notify()
         self._wake_job()
+
+    def _finish_encoding_locked(self) -> None:
+        """Compression: write the compressor's last bytes, so a clean end is a whole body."""
+        encoder, self._encoder = self._encoder, None
+        assert encoder is not None
+        transport = self._transport
+        try:
+            tail = Chunk(encoder.finish())
+            if isinstance(transport, QueueTransport):
+                transport.write_unbounded(tail)
+            else:
+                transport.write(tail, bounded=False)
+        except (TransportClosed, ValueError):
+            pass  # the client is gone (or nothing was left): the end is unclean anyway
 
     # -- the owner thread ---------------------------------------------------------
 
@@ -860,7 +885,8 @@ class Stream:
     def _take_direct_path(self) -> None:
         sock = None
         if self.config.direct_writes:
-            sock = direct_socket(self.environ, self._server_response)
+            own = None if self._encoder is None else self._encoder.name  # compression
+            sock = direct_socket(self.environ, self._server_response, own_encoding=own)
         with self._lock:
             if sock is None or self._closed:
                 self._path = "queue"
@@ -933,6 +959,8 @@ class Stream:
             with self._lock:
                 pending = self._transport
                 first = pending.take() if isinstance(pending, QueueTransport) else b""
+                if not first and self._encoder is not None:  # compression: the heartbeat too
+                    first = self._encoder.compress(_HEARTBEAT.data)
             # The headers leave with the first non-empty chunk: never make the client wait.
             yield first or _HEARTBEAT.data
             self._last_write = time.monotonic()

@@ -370,20 +370,25 @@ def _header(headers: Any, name: str) -> bool:
     return any(str(key).lower() == name for key, _ in headers)
 
 
-def direct_socket(environ: Mapping[str, Any], server_response: object) -> socket.socket | None:
+def direct_socket(
+    environ: Mapping[str, Any], server_response: object, own_encoding: str | None = None
+) -> socket.socket | None:
     """Return the client socket when the direct path is safe for this response, else ``None``.
 
     The direct path writes HTTP/1.1 chunks behind the server's back, so it is
     taken only where that framing is certain: gunicorn, a plain TCP socket in
     blocking mode, HTTP/1.1, a chunked response (as gunicorn's own response
     object reports it) without ``Content-Length`` or ``Content-Encoding``, not
-    ``HEAD``. A WSGI middleware that wraps ``start_response`` hides gunicorn's
+    ``HEAD``; a ``Content-Encoding`` is allowed only when it is the stream's own
+    (*own_encoding*: the stream compresses what it writes itself). A WSGI
+    middleware that wraps ``start_response`` hides gunicorn's
     response object and so turns the direct path off; one that rewrites the
     body without touching the headers cannot be seen, and must not be used
     with the direct path (set ``DATASTAR_DIRECT_WRITES = False``).
 
     :param environ: the WSGI environ of the request.
     :param server_response: the object ``start_response`` is bound to.
+    :param own_encoding: the ``Content-Encoding`` the stream set and applies itself.
     """
     if not DIRECT_WRITES_SUPPORTED:
         return None
@@ -404,7 +409,12 @@ def direct_socket(environ: Mapping[str, Any], server_response: object) -> socket
     if not getattr(server_response, "chunked", False) or not server_response.headers_sent:
         return None
     headers = server_response.headers
-    if _header(headers, "content-length") or _header(headers, "content-encoding"):
+    if _header(headers, "content-length"):
+        return None
+    # Compression: the stream's own encoding only; any other means something else
+    # (a middleware) rewrites the body, which the direct path would bypass.
+    encodings = [str(value) for key, value in headers if str(key).lower() == "content-encoding"]
+    if encodings and encodings != [own_encoding]:
         return None
     return sock
 
