@@ -268,6 +268,7 @@ class Stream:
         "_server_response",
         "_registries",
         "_started",
+        "resumed",  # resume (issue 11): set by a registry with a replay log
     )
 
     def __init__(
@@ -306,6 +307,12 @@ class Stream:
         self._registries: set[SSERegistry] = set()
         self._started = False
         self.sent_events = 0
+        # -- resume (issue 11) -------------------------------------------------------
+        #: Whether a registry with a replay log wrote this stream the events its client
+        #: missed (it reconnected with a ``Last-Event-ID`` the log still covers): the
+        #: handler then skips the full state. ``False`` for a new tab, and for one whose
+        #: gap the log no longer covers: send it the full state.
+        self.resumed = False
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
