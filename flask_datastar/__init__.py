@@ -41,6 +41,7 @@ from .client import (
 from .extension import DatastarConfig, FlaskDatastar, Periodic, RegistryHandle
 from .guards import CSRFError, csrf_exempt
 from .registry import SSERegistry
+from .replay import ReplayLog
 from .response import DatastarResponse, datastar_response, sse_response, sse_stream
 from .signals import dumps_signals, is_datastar_request, read_signals
 from .sse import (
@@ -79,6 +80,7 @@ __all__ = [
     "RedisBus",
     "Periodic",
     "RegistryHandle",
+    "ReplayLog",
     "SSERegistry",
     "ServerSentEventGenerator",
     "Stream",

@@ -13,6 +13,7 @@ from flask import Flask, current_app, has_app_context
 
 from . import actions, client, compression, guards, scheduler
 from .registry import LINGER, SSERegistry
+from .replay import ReplayLog
 from .response import (
     Authorize,
     Compress,
@@ -435,6 +436,7 @@ class FlaskDatastar:
         *,
         on_resync: Callable[[Stream], object] | None = None,
         linger: float = LINGER,
+        replay: ReplayLog | None = None,
     ) -> SSERegistry:
         """Return *app*'s registry called *name*, created on first use and joined to its bus.
 
@@ -459,6 +461,10 @@ class FlaskDatastar:
             call for a name whose registry may have been collected meanwhile.
         :param linger: see :class:`~flask_datastar.SSERegistry`; only the call
             that creates the registry sets it.
+        :param replay: a :class:`~flask_datastar.ReplayLog`: the
+            registry numbers its events and keeps them, so a tab that reconnects
+            with ``Last-Event-ID`` gets what it missed (see :doc:`resume`). Only
+            the call that creates the registry sets it.
         """
         app = _unproxied(app)
         state = self._state(app)
@@ -485,6 +491,7 @@ class FlaskDatastar:
                     on_resync=resync,
                     linger=linger,
                     authorize=self._authorize_topic,
+                    replay=replay,
                 )
                 state.registries[name] = registry
         return registry

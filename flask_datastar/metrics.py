@@ -86,7 +86,7 @@ NO_ROUTE = "(none)"
 _ROUTE_KEY = "flask_datastar.metrics.route"
 _COUNTS_KEY = "flask_datastar.metrics.counts"
 # The time a bus message was published (seconds since the epoch), in the message.
-_SENT_AT = "s"
+_SENT_AT = "at"  # not "s": the replay log puts the entry id there
 
 
 class _Route:

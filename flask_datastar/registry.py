@@ -19,6 +19,11 @@ Two ways to reach the streams:
 :meth:`SSERegistry.revoke` ends the streams of an identity, a topic or a key
 in every process, in order with the events sent before it.
 
+A registry opened with a :class:`~flask_datastar.ReplayLog` gives each
+event it delivers an id and keeps it for a while: a stream that registers with
+a ``Last-Event-ID`` gets the events its client missed (see
+:meth:`SSERegistry.register`).
+
 A registry that nobody uses costs nothing: its broadcaster thread and its bus
 subscription go away after ``linger`` idle seconds and come back when needed.
 """
@@ -31,6 +36,7 @@ import logging
 import operator
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from . import metrics
+from .replay import MemoryLog, Position, RedisLog, ReplayLog, parse_event_id
 from .stream import StreamClosed, check_event
 from .transport import Chunk
 
@@ -77,8 +84,12 @@ _END_CLEANLY = 1
 _END_ABRUPTLY = 2
 
 
+# An ``id`` field in an event's own text (``event_id=``): a replay log gives ids itself.
+_ID_FIELD = re.compile(r"(?:\A|[\r\n])id(?:[:\r\n]|\Z)")
+
+
 class _Item:
-    __slots__ = ("kind", "target", "chunk", "slot", "superseded", "end")
+    __slots__ = ("kind", "target", "chunk", "slot", "superseded", "end", "position")
 
     def __init__(
         self,
@@ -96,6 +107,23 @@ class _Item:
         # never drops a broadcast, nor another key's unicast. A revocation never does.
         self.slot: Hashable | None = None if coalesce is None or end else (kind, target, coalesce)
         self.superseded = False
+        #: Its place in the replay log (its chunk then starts with its ``id:``), if any.
+        self.position: Position | None = None
+
+
+class _Resume:
+    """A stream being resumed: what the broadcaster holds back until the log is written."""
+
+    __slots__ = ("lock", "done", "buffer", "floor")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: The missed events are written: live events go straight to the stream again.
+        self.done = False
+        #: Live events with an id that came while the log was being read.
+        self.buffer: list[_Item] = []
+        #: The newest position written from the log: live events up to it are repeats.
+        self.floor: Position | None = None
 
 
 class SSERegistry:
@@ -131,6 +159,9 @@ class SSERegistry:
         otherwise. ``None`` lets every stream join every topic. The
         extension's registries ask :meth:`FlaskDatastar.authorizer
         <flask_datastar.FlaskDatastar.authorizer>`.
+    :param replay: keep the events delivered lately, so that a stream that
+        registers with a ``Last-Event-ID`` resumes (see :meth:`register`
+        and :meth:`attach_replay`).
     """
 
     def __init__(
@@ -141,6 +172,7 @@ class SSERegistry:
         on_resync: Callable[[Stream], object] | None = None,
         linger: float = LINGER,
         authorize: Callable[[Any, str], object] | None = None,
+        replay: ReplayLog | None = None,
     ) -> None:
         if not linger >= 0:
             raise ValueError(f"'linger' must be a number of seconds, 0 or more, not {linger!r}.")
@@ -183,8 +215,16 @@ class SSERegistry:
         # A publish failed: the other processes missed an event and must be told.
         self._resync_owed = False
         self._resync_lock = threading.Lock()
+        # Resume: the log's settings, its storage (opened once the bus is known), and
+        # the streams whose missed events are being written.
+        self._replay: ReplayLog | None = None
+        self._log: MemoryLog[_Item] | RedisLog | None = None
+        self._log_lock = threading.Lock()
+        self._resuming: dict[Stream, _Resume] = {}
         if bus is not None:
             self.attach_bus(bus)
+        if replay is not None:
+            self.attach_replay(replay)
 
     def __repr__(self) -> str:
         return f"<SSERegistry {self.name!r} streams={len(self)}>"
@@ -205,6 +245,17 @@ class SSERegistry:
         when it opened) is read here: :meth:`send_to_identity` and
         :meth:`revoke` reach it by that identity.
 
+        With a replay log (:meth:`attach_replay`), a stream whose client
+        sent a ``Last-Event-ID`` resumes here: it is written exactly the
+        events it missed that were meant for it (by its key, identity and
+        *topics*), in order, then the live ones, without a repeat or a gap
+        between the two; ``gen.resumed`` is then ``True``. If some of the
+        missed events are gone from the log (the tab was away too long), or
+        the id is not one of the log's (malformed, from another process, from
+        before a restart), nothing is written and ``gen.resumed`` is
+        ``False``: the handler sends the full state, as for a new tab. Only a
+        stream's first registration resumes.
+
         :param gen: the stream.
         :param key: any hashable (a tab id); a string, a number or a tuple of
             them when a bus carries unicasts between processes.
@@ -219,7 +270,12 @@ class SSERegistry:
 
     def _register(self, gen: Stream, key: Any, topics: tuple[str, ...]) -> Stream:
         identity = getattr(gen, "identity", None)
+        resume: _Resume | None = None
         with self._lock:
+            first = gen not in self._streams
+            if first and self._replay is not None:
+                # Held back from now on: the live events that the log may also hold.
+                resume = self._resuming[gen] = _Resume()
             if gen in self._streams:
                 old = self._streams[gen]
                 if old is not None:
@@ -240,6 +296,9 @@ class SSERegistry:
         gen._registries.add(self)
         if self._bus is not None and not subscribed:
             self._subscribe()
+        if resume is not None:
+            # After the subscription: whatever the log lacks now reaches us live.
+            self._resume(gen, resume)
         if gen.closed:
             # It ended before its registration was seen: do not keep it.
             self.unregister(gen)
@@ -258,6 +317,7 @@ class SSERegistry:
             if key is not None:
                 _index_remove(self._by_key, key, gen)
             _index_remove(self._by_identity, self._identity_of.pop(gen, None), gen)
+            self._resuming.pop(gen, None)
             for topic in self._topics_of.pop(gen, ()):
                 _index_remove(self._by_topic, topic, gen)
             lingering = False
@@ -606,6 +666,8 @@ class SSERegistry:
         if self._bus is not None:
             raise RuntimeError(f"{self!r} already has a bus; create the registry once per name.")
         self._bus = bus
+        with self._log_lock:
+            self._log = None  # opened again at first use: in Redis, if the bus has it
         if self._streams:
             self._subscribe()
 
@@ -613,6 +675,131 @@ class SSERegistry:
     def bus(self) -> Bus | None:
         """The bus that carries broadcasts and unicasts, if any."""
         return self._bus
+
+    # -- resume after reconnect --------------------------------------------------
+
+    def attach_replay(self, replay: ReplayLog) -> None:
+        """Keep the events this registry delivers in *replay*, so that tabs can resume.
+
+        From now on every event of :meth:`broadcast`, :meth:`send_to`,
+        :meth:`send_to_identity` and :meth:`publish` gets an SSE ``id`` from
+        the log (build them without ``event_id=``), and a stream that
+        registers with a ``Last-Event-ID`` is written what it missed (see
+        :meth:`register`). With a :class:`~flask_datastar.bus.RedisBus` the
+        log is a Redis Stream shared by every process; otherwise it is this
+        process's. Keep the registry itself (a module-level name): a log in
+        this process lives as long as its registry.
+
+        :param replay: the log's bounds; one log per registry.
+        """
+        if self._replay is replay:
+            return
+        if self._replay is not None:
+            raise RuntimeError(f"{self!r} already has a replay log; attach one once.")
+        replay._claim(self.name)
+        self._replay = replay
+
+    @property
+    def replay(self) -> ReplayLog | None:
+        """The replay log's settings, if the registry keeps one."""
+        return self._replay
+
+    def _replay_log(self) -> MemoryLog[_Item] | RedisLog | None:
+        """The log's storage, opened at first use, when the bus is known."""
+        log = self._log
+        if log is None and self._replay is not None:
+            with self._log_lock:
+                if self._log is None:
+                    self._log = self._replay.open(self.name, self._bus)
+                log = self._log
+        return log
+
+    def _resume(self, gen: Stream, resume: _Resume) -> None:
+        """Write *gen* the events its client missed, then let the live ones through.
+
+        The stream was registered (and held back) before the log is read: a
+        live event is either in what is read, and dropped as a repeat, or
+        newer, and written after it. Sets ``gen.resumed``.
+        """
+        last_event_id = getattr(gen, "last_event_id", None)
+        found: list[_Item] | None = None
+        floor: Position | None = None
+        if last_event_id is not None:
+            store = self._replay_log()
+            try:
+                if isinstance(store, RedisLog):
+                    entries = store.since(last_event_id)
+                    if entries is not None:
+                        found = [
+                            self._item_from(message, entry_id) for entry_id, message in entries
+                        ]
+                elif store is not None:
+                    found = store.since(last_event_id)
+            except (OSError, ValueError) as e:
+                # Redis is down, or holds what this version cannot read: the full state.
+                log.warning("flask_datastar: %r sends the full state to %r: %s", self, gen, e)
+                found = None
+            if found is not None and store is not None:
+                floor = found[-1].position if found else store.position_of(last_event_id)
+        with self._lock:
+            missed = [item for item in found or () if self._reaches_locked(gen, item)]
+        with resume.lock:
+            held = [item for item in resume.buffer if _after(item.position, floor)]
+            batch = _coalesced(missed + held)
+            try:
+                for item in batch:
+                    assert item.chunk is not None
+                    gen.send(item.chunk)
+            except StreamClosed:
+                pass  # it ended meanwhile: its unregistration drops the rest
+            for item in held:
+                if item.position is not None and _after(item.position, floor):
+                    floor = item.position
+            resume.floor = floor
+            resume.buffer = []
+            resume.done = True
+        _set_resumed(gen, found is not None)
+        if last_event_id is not None and found is None:
+            log.debug(
+                "flask_datastar: %r could not resume from %r: full state", self, last_event_id
+            )
+
+    def _reaches_locked(self, gen: Stream, item: _Item) -> bool:
+        """Whether a live event like *item* would have reached *gen* (call it under ``_lock``)."""
+        if item.end or item.chunk is None:
+            return False
+        if item.kind == _KEY:
+            return bool(self._streams.get(gen) == item.target)
+        if item.kind == _IDENTITY:
+            return bool(self._identity_of.get(gen) == item.target)
+        if item.kind == _TOPIC:
+            return item.target in self._topics_of.get(gen, ())
+        return True
+
+    def _hold_for_resume(self, streams: list[Stream], item: _Item) -> list[Stream]:
+        """Take out of *streams* those that are resuming (held) or had *item* from the log."""
+        kept: list[Stream] = []
+        caught_up: list[Stream] = []
+        for gen in streams:
+            resume = self._resuming.get(gen)
+            if resume is None:
+                kept.append(gen)
+                continue
+            with resume.lock:
+                if not resume.done:
+                    resume.buffer.append(item)
+                    continue
+                floor = resume.floor
+            if not _after(item.position, floor):
+                continue  # written from the log already
+            # Ids only grow: every later event is newer than the log's part too.
+            caught_up.append(gen)
+            kept.append(gen)
+        if caught_up:
+            with self._lock:
+                for gen in caught_up:
+                    self._resuming.pop(gen, None)
+        return kept
 
     @property
     def _channel(self) -> str:
@@ -684,6 +871,12 @@ class SSERegistry:
                     event = event.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"An event must be UTF-8 text: {e}.") from None
+            if self._replay is not None and not end and _ID_FIELD.search(event):
+                raise ValueError(
+                    f"{self!r} keeps a replay log, which gives every event its id: build"
+                    " the event without 'event_id=' (the client would send that id back"
+                    " when it reconnects, and the log would not know it)."
+                )
         bus = self._bus
         if bus is None:
             chunk = None if event is None else Chunk(event)
@@ -712,7 +905,12 @@ class SSERegistry:
             if self._resync_owed:
                 self._tell_others_to_resync(bus)
             # Our own streams get it back through the bus, like every other process.
-            bus.publish(self._channel, payload)
+            store = self._replay_log() if event is not None and not end else None
+            if isinstance(store, RedisLog):
+                # Into the shared log and onto the channel in one step, with its id.
+                store.append_and_publish(self._channel, payload.decode("utf-8"))
+            else:
+                bus.publish(self._channel, payload)
         except OSError as e:
             metrics.bus_publish_failed()  # metrics
             # The command goes on, and this process's streams still get the event; the
@@ -763,21 +961,30 @@ class SSERegistry:
         if "r" in message:
             self._on_bus_gap()
             return
+        entry_id = message.get("s")
+        self._enqueue(self._item_from(message, entry_id if isinstance(entry_id, str) else None))
+
+    def _item_from(self, message: dict[str, Any], entry_id: str | None = None) -> _Item:
+        """Make the queue item of a bus message (or a Redis log entry, with its *entry_id*)."""
         kind, target = _ALL, None
         for field_name in _TARGETS:
             if field_name in message:
                 kind, target = field_name, _hashable(message[field_name])
                 break
         event = message.get("e")
-        self._enqueue(
-            _Item(
-                kind,
-                target,
-                None if event is None else Chunk(event),
-                _hashable(message.get("c")),
-                int(message.get("x", _DELIVER)),
-            )
+        end = int(message.get("x", _DELIVER))
+        position = None if end or event is None else parse_event_id(entry_id)
+        if position is not None:
+            event = f"id: {entry_id}\n{event}"
+        item = _Item(
+            kind,
+            target,
+            None if event is None else Chunk(event),
+            _hashable(message.get("c")),
+            end,
         )
+        item.position = position
+        return item
 
     def _first_sight(self, message_id: str) -> bool:
         """Remember *message_id*; return whether it is new (bounded memory)."""
@@ -794,9 +1001,17 @@ class SSERegistry:
         # What arrived before the gap is written first, so it cannot overwrite the
         # fresh state.
         self.flush(5.0)
+        store = self._replay_log()
+        if isinstance(store, MemoryLog):
+            # This process's log has a hole now: no tab may resume across it.
+            store.reset()
         for gen in self.snapshot():
             try:
                 if self.on_resync is not None:
+                    if store is not None:
+                        # An empty id: the client forgets its last one, which the full
+                        # state makes stale, and reconnects without Last-Event-ID.
+                        gen.send("id:\n\n")
                     self.on_resync(gen)
                 else:
                     # Every tab of every worker comes back after an outage: spread them.
@@ -810,6 +1025,14 @@ class SSERegistry:
 
     def _enqueue(self, item: _Item) -> None:
         with self._cond:
+            if item.position is None and item.chunk is not None and not item.end:
+                store = self._replay_log()
+                if isinstance(store, MemoryLog):
+                    # Numbered under the queue's lock: the order of the ids is the
+                    # order in which the streams get the events.
+                    event_id, item.position = store.next_id()
+                    item.chunk = Chunk(b"id: %s\n%s" % (event_id.encode(), item.chunk.data))
+                    store.append(item.position, item)
             if item.slot is not None:
                 older = self._latest.get(item.slot)
                 if older is not None:
@@ -866,6 +1089,8 @@ class SSERegistry:
                 self._unsubscribe_if_unused()
                 continue
             streams = self._recipients(item.kind, item.target)
+            if item.position is not None and self._resuming:
+                streams = self._hold_for_resume(streams, item)
             if item.chunk is not None:
                 failed = self._call_each(streams, operator.methodcaller("send", item.chunk))
                 streams = [gen for gen in streams if gen not in failed]
@@ -904,6 +1129,27 @@ def _index_remove(index: dict[Any, dict[Stream, None]], value: Any, gen: Stream)
         streams.pop(gen, None)
         if not streams:
             del index[value]
+
+
+def _after(position: Position | None, floor: Position | None) -> bool:
+    """Whether an event at *position* is newer than *floor* (no floor: every event is)."""
+    return floor is None or (position is not None and position > floor)
+
+
+def _coalesced(items: list[_Item]) -> list[_Item]:
+    """Drop each event that a later one in *items* supersedes (same coalesce slot)."""
+    last = {item.slot: index for index, item in enumerate(items) if item.slot is not None}
+    return [
+        item for index, item in enumerate(items) if item.slot is None or last[item.slot] == index
+    ]
+
+
+def _set_resumed(gen: Stream, resumed: bool) -> None:
+    """Tell the stream's handler whether its missed events were written (``gen.resumed``)."""
+    try:
+        gen.resumed = resumed
+    except AttributeError:
+        pass  # a stand-in stream without the attribute
 
 
 def _hashable(value: Any) -> Any:

@@ -333,6 +333,7 @@ class Stream:
         "_client_key",
         "_holds_thread",
         "_encoder",  # compression: this stream's compressor, or None
+        "resumed",  # resume (issue 11): set by a registry with a replay log
     )
 
     def __init__(
@@ -397,6 +398,12 @@ class Stream:
         self._holds_thread = False
         # Compression (flask_datastar.compression): set by the response before on_connect.
         self._encoder: Encoder | None = None
+        # -- resume (issue 11) -------------------------------------------------------
+        #: Whether a registry with a replay log wrote this stream the events its client
+        #: missed (it reconnected with a ``Last-Event-ID`` the log still covers): the
+        #: handler then skips the full state. ``False`` for a new tab, and for one whose
+        #: gap the log no longer covers: send it the full state.
+        self.resumed = False
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
