@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_RELEASE_THREADS": True,
     "DATASTAR_SCHEDULER_THREADS": 2,
     "DATASTAR_SLOW_STEP": 0.5,
+    "DATASTAR_MAX_LIFETIME": None,
+    "DATASTAR_RETRY": None,
     "DATASTAR_JS_URL": None,
     "DATASTAR_JS_INTEGRITY": None,
     "DATASTAR_REDIS_URL": None,
@@ -104,6 +106,10 @@ class DatastarConfig:
     #: The scheduler's pool threads, and the seconds after which a step is slow.
     scheduler_threads: int = 2
     slow_step: float = 0.5
+    #: Seconds after which a stream is ended so that its client reconnects (jittered).
+    max_lifetime: float | None = None
+    #: The range (milliseconds) of the reconnection delay each stream tells its client.
+    retry: tuple[int, int] | None = None
     #: Whether the deployment self-check runs (see :mod:`flask_datastar.selfcheck`).
     self_check: bool = True
     #: Names of self-check traps not to warn about.
@@ -145,11 +151,34 @@ class DatastarConfig:
             ),
             scheduler_threads=number("DATASTAR_SCHEDULER_THREADS", int, 1),
             slow_step=number("DATASTAR_SLOW_STEP", float, 0.001),
+            max_lifetime=None
+            if config["DATASTAR_MAX_LIFETIME"] is None
+            else number("DATASTAR_MAX_LIFETIME", float, 1),
+            retry=_retry_range(config["DATASTAR_RETRY"]),
             self_check=_boolean(config["DATASTAR_SELF_CHECK"], "DATASTAR_SELF_CHECK"),
             self_check_ignore=_check_names(config["DATASTAR_SELF_CHECK_IGNORE"]),
             compression=compression.parse_compression(config["DATASTAR_COMPRESSION"]),
             compression_window_bits=compression.parse_window(config["DATASTAR_COMPRESSION_WINDOW"]),
         )
+
+
+def _retry_range(value: Any) -> tuple[int, int] | None:
+    """Read ``DATASTAR_RETRY``: ``None``, milliseconds, or ``[low, high]`` (or ``"low,high"``)."""
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    if isinstance(parts, (int, float)):
+        parts = [parts, parts]
+    try:
+        low, high = (int(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"DATASTAR_RETRY must be milliseconds or a [low, high] range of them, such as"
+            f" [1000, 5000], not {value!r}."
+        ) from None
+    if not 0 < low <= high:
+        raise ValueError(f"DATASTAR_RETRY needs 0 < low <= high milliseconds, not {value!r}.")
+    return low, high
 
 
 def _share(value: float) -> float:
@@ -277,6 +306,8 @@ class FlaskDatastar:
                 direct_writes=config.direct_writes,
                 send_timeout=config.send_timeout,
                 release_threads=config.release_threads,
+                max_lifetime=config.max_lifetime,
+                retry=config.retry,
             ),
         )
         scheduler.configure(

@@ -145,6 +145,14 @@ class StreamConfig:
     :param release_threads: on the direct path under gunicorn, give the
         server's thread back once the handler first pauses (the stream then
         holds a socket, not a thread).
+    :param max_lifetime: end a stream after about this many seconds (between
+        80 % and 100 % of it, at random), abruptly, so that its client
+        reconnects: tabs spread over the workers again after a scale-out.
+        ``None``: streams live as long as their tabs.
+    :param retry: ``(low, high)`` milliseconds: each stream first tells its
+        client a random reconnection delay in that range (``retry:``), so
+        that the tabs of a worker that dies do not all come back at once.
+        ``None``: the client's default (1 s).
     """
 
     heartbeat: float = 15.0
@@ -152,6 +160,8 @@ class StreamConfig:
     direct_writes: bool = True
     send_timeout: float = 30.0
     release_threads: bool = True
+    max_lifetime: float | None = None
+    retry: tuple[int, int] | None = None
 
 
 class Sleep:
@@ -332,6 +342,7 @@ class Stream:
         "_error",
         "_client_key",
         "_holds_thread",
+        "_expires_at",
         "_encoder",  # compression: this stream's compressor, or None
         "resumed",  # resume (issue 11): set by a registry with a replay log
     )
@@ -396,6 +407,13 @@ class Stream:
         self._error: BaseException | None = None
         self._client_key: Any = None
         self._holds_thread = False
+        lifetime = self.config.max_lifetime
+        # Jittered, so that streams opened together (after a restart) do not end together.
+        self._expires_at = (
+            float("inf")
+            if lifetime is None
+            else time.monotonic() + lifetime * random.uniform(0.8, 1.0)
+        )
         # Compression (flask_datastar.compression): set by the response before on_connect.
         self._encoder: Encoder | None = None
         # -- resume (issue 11) -------------------------------------------------------
@@ -788,6 +806,10 @@ class Stream:
         hooks' writes to the session reach the response's cookie.
         """
         self._owner = threading.get_ident()
+        retry = self.config.retry
+        if retry is not None:
+            # First on the wire: the delay this client waits before it reconnects.
+            self.send(Chunk(f"retry: {random.randint(*retry)}\n\n"))
         for hook in self._on_connect:
             try:
                 self._enter(hook, self)
@@ -1177,6 +1199,8 @@ class Stream:
                     self._end(f"the client took no data for {config.send_timeout} s", abort=True)
             else:
                 self._backlogged = 0.0
+        if now >= self._expires_at and not self._closed:
+            self._expire()
         heartbeat = config.heartbeat
         if heartbeat > 0 and not self._closed and now - self._last_write >= heartbeat:
             try:
@@ -1186,9 +1210,10 @@ class Stream:
         if self._closed:
             self._wind_down()
             return
-        due = float("inf")
+        due = self._expires_at
         if steps is not None:
-            due = self._backlogged + config.send_timeout if self._backlogged else self._wake_at
+            wake = self._backlogged + config.send_timeout if self._backlogged else self._wake_at
+            due = min(due, wake)
         if heartbeat > 0:
             due = min(due, self._last_write + heartbeat)
         job = self._job
@@ -1199,6 +1224,10 @@ class Stream:
             scheduler().schedule(job, due)
         else:
             scheduler().cancel(job)
+
+    def _expire(self) -> None:
+        """End a stream that reached its ``max_lifetime``, so that its client reconnects."""
+        self._end("it reached DATASTAR_MAX_LIFETIME", abort=True)
 
     def _failed(self, error: Exception) -> None:
         """The handler raised in a scheduled step: end the stream abruptly, report the error.
@@ -1452,6 +1481,7 @@ class Stream:
                     data = self._transport.take()
                 if not data and not self._closed:
                     due = wake_at if steps is not None else float("inf")
+                    due = min(due, self._expires_at)
                     if heartbeat > 0:
                         due = min(due, self._last_write + heartbeat)
                     wait = min(due - time.monotonic(), 3600.0)
@@ -1467,6 +1497,9 @@ class Stream:
                 continue
             if self._closed:
                 return
+            if time.monotonic() >= self._expires_at:
+                self._expire()
+                continue
             if heartbeat > 0 and time.monotonic() - self._last_write >= heartbeat:
                 try:
                     self.send(_HEARTBEAT)
