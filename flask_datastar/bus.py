@@ -634,6 +634,8 @@ class RedisBus:
         **redis_options: Any,
     ) -> None:
         redis = _import_redis()
+        if isinstance(client, str) and url is None:
+            url, client = client, None  # DATASTAR_REDIS set from the environment
         if (url is None) == (client is None):
             raise TypeError("Give 'RedisBus' either a Redis URL or 'client=', not both.")
         if health_check_interval <= 0:
