@@ -371,14 +371,7 @@ def redis_clients(
             return RedisClients(publisher, where, owned=True, listener_client=sentinel_listener)
         if scheme in CLUSTER_SCHEMES:
             ClusterNode = redis.cluster.ClusterNode
-            userinfo, hosts, tail = _split_hosts(url, 6379)
-            path, _, query = tail.partition("?")
-            if path.strip("/") not in ("", "0"):
-                raise ValueError(
-                    f"A Redis Cluster has database 0 only; remove {path!r} from {where!r}."
-                )
-            options = _connection_options(url, userinfo, "", query)
-            options.pop("db", None)
+            hosts, options = _parse_cluster_url(url)
             cluster = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in hosts],
                 **{"client_name": "flask_datastar", **common, **options, **redis_options},
@@ -441,6 +434,19 @@ def redis_clients(
         listener_client = own_listener
     _warn_without_timeout(pool.connection_kwargs, where)
     return RedisClients(source, where, owned=False, listener_client=listener_client)
+
+
+def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The startup nodes and the connection options of a ``redis+cluster://`` URL."""
+    userinfo, hosts, tail = _split_hosts(url, 6379)
+    path, _, query = tail.partition("?")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(
+            f"A Redis Cluster has database 0 only; remove {path!r} from {_redacted(url)!r}."
+        )
+    options = _connection_options(url, userinfo, "", query)
+    options.pop("db", None)
+    return hosts, options
 
 
 def _warn_without_timeout(options: dict[str, Any], where: str) -> None:
@@ -656,10 +662,12 @@ class RedisBus:
         self._clients_lock = threading.Lock()
         if url is not None:
             self.url = url
-            if url.partition("://")[0].lower() not in CLUSTER_SCHEMES:
-                # At once, so that a wrong URL fails at start-up. (A cluster client reads
-                # the slots when it is made: at the first use, so that an app starts
-                # while the cluster is down.)
+            # At once, so that a wrong URL fails at start-up. (A cluster client reads the
+            # slots when it is made: at the first use, so that an app starts while the
+            # cluster is down; its URL is only checked here.)
+            if url.partition("://")[0].lower() in CLUSTER_SCHEMES:
+                _parse_cluster_url(url)
+            else:
                 self._redis()
         else:
             self.url = f"<{type(client).__name__}>"
