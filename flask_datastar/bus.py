@@ -189,7 +189,7 @@ def _identity(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class RedisClients:
-    """The redis-py clients of one bus, made by :func:`redis_clients`.
+    """The redis-py clients of one bus, made by ``redis_clients()``.
 
     :attr:`client` publishes (and the application may use it for its own
     data); each listener gets a client of its own from :meth:`listener_client`,
@@ -603,7 +603,7 @@ class RedisBus:
 
     :param url: a Redis URL: ``redis://:password@host:6379/0``, ``rediss://``
         for TLS, ``redis+sentinel://...`` or ``redis+cluster://...``; see
-        :func:`redis_clients` for their syntax.
+        ``redis_clients()`` for their syntax.
     :param client: instead of *url*, the application's ``redis.Redis`` (one
         from ``Sentinel.master_for`` too), ``redis.ConnectionPool``,
         ``redis.cluster.RedisCluster``, or a function returning one of them,
@@ -685,7 +685,7 @@ class RedisBus:
         return clients.where if clients is not None else _redacted(self.url)
 
     def _redis(self) -> RedisClients:
-        """The clients, made at the first call (see :func:`redis_clients`)."""
+        """The clients, made at the first call (see ``redis_clients()``)."""
         clients = self._clients
         if clients is None:
             with self._clients_lock:
