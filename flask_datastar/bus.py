@@ -340,6 +340,7 @@ def redis_clients(
                     f"The Sentinel URL {where!r} must name the service:"
                     " redis+sentinel://host:26379[,host:26379...]/service_name[/db]."
                 )
+            _check_sentinel()
             options = _connection_options(url, userinfo, f"/{db or 0}", query)
             sentinel_auth = {
                 key: options.pop(f"sentinel_{key}")
@@ -416,6 +417,7 @@ def redis_clients(
     pool = source.connection_pool
     where = repr(pool)
     if isinstance(pool, SentinelConnectionPool):
+        _check_sentinel()
         if not pool.is_master:
             raise ValueError(
                 "The bus publishes: give it the primary's client,"
@@ -447,6 +449,23 @@ def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]
     options = _connection_options(url, userinfo, "", query)
     options.pop("db", None)
     return hosts, options
+
+
+def sentinel_supported() -> bool:
+    """Whether this redis-py can subscribe through Sentinel (5.0.0 cannot: 5.0.1 fixed it)."""
+    import inspect
+
+    from redis.sentinel import SentinelManagedConnection
+
+    return "push_request" in inspect.signature(SentinelManagedConnection.read_response).parameters
+
+
+def _check_sentinel() -> None:
+    if not sentinel_supported():
+        raise RuntimeError(
+            "Redis Sentinel needs redis-py 5.0.1 or newer (in 5.0.0 a Sentinel connection"
+            " cannot subscribe): 'pip install -U \"redis>=5.0.1\"'."
+        )
 
 
 def _warn_without_timeout(options: dict[str, Any], where: str) -> None:

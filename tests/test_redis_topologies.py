@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flask_datastar.bus import RedisBus
+from flask_datastar.bus import RedisBus, sentinel_supported
 from tests.helpers import (
     GunicornServer,
     RawHTTPStream,
@@ -180,10 +180,13 @@ class Tab:
         self.pid = int(self.next()["pid"])
 
     def next(self) -> Any:
-        while True:
+        """The next signals, within 20 s (heartbeats alone would keep the stream alive)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
             event = next(self._events)
             if event.event == "datastar-patch-signals":
                 return event.signals
+        pytest.fail(f"No signals for 20 s on a tab of worker {getattr(self, 'pid', '?')}.")
 
     def next_said(self) -> Any:
         """The next broadcast, past any resync."""
@@ -231,6 +234,11 @@ def test_sentinel_url_carries_broadcasts_across_workers_and_through_a_failover(
     tabs: list[Tab],
 ) -> None:
     primary = processes([])
+    if not sentinel_supported():
+        # redis-py 5.0.0 (the lowest supported) cannot subscribe through Sentinel.
+        with pytest.raises(RuntimeError, match="redis-py 5.0.1 or newer"):
+            RedisBus(f"redis+sentinel://127.0.0.1:{primary.port}/mymaster")
+        return
     replica = processes([f"replicaof 127.0.0.1 {primary.port}"])
     wait_for(
         lambda: replica.client.info("replication")["master_link_status"] == "up",
@@ -278,6 +286,11 @@ def test_an_apps_sentinel_client_carries_the_bus(
 ) -> None:
     redis = require_module("redis")
     primary = processes([])
+    if not sentinel_supported():
+        client = redis.sentinel.Sentinel([("127.0.0.1", 1)]).master_for("mymaster")
+        with pytest.raises(RuntimeError, match="redis-py 5.0.1 or newer"):
+            RedisBus(client=client)
+        return
     sentinel = processes([f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1"], sentinel=True)
     wait_for(lambda: sentinel.client.sentinel_masters(), what="the sentinel to start")
     app_client = redis.sentinel.Sentinel([("127.0.0.1", sentinel.port)]).master_for(
