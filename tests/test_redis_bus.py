@@ -682,6 +682,8 @@ def test_a_failed_publish_makes_the_other_processes_resync(
         # this one got every event and is left alone.
         wait_for(lambda: resynced == [theirs], what="the other process's resync")
         wait_for(lambda: any(b'"n":3' in data for data in theirs.received))
+        # (It comes back through Redis, like every other process's copy: wait for it.)
+        wait_for(lambda: any(b'"n":3' in data for data in mine.received))
         here.flush()
         assert [data for data in mine.received if b'"n":' in data][-1].count(b'"n":3') == 1
         assert mine not in resynced
