@@ -21,6 +21,15 @@ Setups, all in the same run with the same tabs and the same load:
 
 It prints p50 / p99 / max per setup and their ratios to the reference. Timing
 belongs here, not in the tests; run it on a quiet machine.
+
+``--capacity`` measures Redis itself instead, for the capacity estimate of
+docs/deployment-redis.md: one pipelining client publishes events of ``--payload``
+bytes as fast as it can while N connections (as N bus listeners: N worker
+processes) are subscribed, first on one ``redis-server``, then on a 3-primary
+Redis Cluster (``redis-cli --cluster create``) with one channel per primary and
+``SPUBLISH`` / ``SSUBSCRIBE``. It prints publishes/s, deliveries/s (messages
+received by all subscribers) and the redis-server CPU time per publish and per
+delivery, the number that scales: ``python benchmarks/redis_fanout.py --capacity``.
 """
 
 from __future__ import annotations
@@ -292,6 +301,196 @@ def measure(
         stop(proc)
 
 
+# -- capacity: what one redis-server, and a 3-primary cluster, carry -----------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of *pid* so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def start_node(workdir: str, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    node_dir = Path(workdir) / f"node-{port}"
+    node_dir.mkdir()
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(node_dir),
+         *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_port(port, proc, "redis-server")
+    return proc, port
+
+
+def capacity_run(
+    nodes: list[tuple[int, int]],
+    channels: list[tuple[str, int]],
+    subscribers: int,
+    payload_size: int,
+    seconds: float,
+    sharded: bool,
+) -> dict[str, float]:
+    """Publish as fast as one pipelining client can while *subscribers* processes listen.
+
+    :param nodes: (pid, port) of each redis-server.
+    :param channels: (channel, port of the node that owns it); each subscriber (one
+        connection per node, as a bus listener per shard) takes every channel.
+    :return: publishes/s, deliveries/s, and redis-server CPU seconds per publish and per
+        delivery (all nodes together).
+    """
+    kind = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+    payload = b"x" * payload_size
+    selector = selectors.DefaultSelector()
+    received = [0]
+    socks = []
+    for _ in range(subscribers):
+        for _, port in nodes:
+            mine = [c.encode() for c, owner in channels if owner == port]
+            if not mine:
+                continue
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(resp(kind, *mine))
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            socks.append(sock)
+    stop_reading = threading.Event()
+
+    def read() -> None:
+        while not stop_reading.is_set():
+            for key, _ in selector.select(0.2):
+                try:
+                    data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    continue
+                received[0] += len(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.5)  # the subscriptions are confirmed
+    base = received[0]
+    publishers = {port: socket.create_connection(("127.0.0.1", port)) for _, port in nodes}
+    command = b"SPUBLISH" if sharded else b"PUBLISH"
+    batches = [
+        (publishers[port], resp(command, channel.encode(), payload) * 50)
+        for channel, port in channels
+    ]
+    frame = len(resp(b"smessage" if sharded else b"message", channels[0][0].encode(), payload))
+    per_publish = subscribers  # every subscriber takes every channel once
+
+    def delivered() -> float:
+        return (received[0] - base) / frame
+
+    cpu_before = sum(cpu_seconds(pid) for pid, _ in nodes)
+    published = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        for sock, batch in batches:
+            sock.sendall(batch)
+        for sock, _ in batches:
+            replies = 0
+            while replies < 50:
+                replies += sock.recv(1 << 16).count(b"\r\n")
+        published += 50 * len(batches)
+        # Flow control: at most 20,000 deliveries in flight, so that what is measured is
+        # what Redis sustains end to end, not what it can pile up in output buffers.
+        while published * per_publish - delivered() > 20_000:
+            time.sleep(0.0005)
+    while delivered() < published * per_publish and time.monotonic() - started < seconds + 5:
+        time.sleep(0.001)
+    elapsed = time.monotonic() - started
+    cpu = sum(cpu_seconds(pid) for pid, _ in nodes) - cpu_before
+    stop_reading.set()
+    reader.join()
+    done = delivered()
+    for sock in [*socks, *publishers.values()]:
+        sock.close()
+    return {
+        "publishes/s": published / elapsed,
+        "deliveries/s": done / elapsed,
+        "cpu us/publish": cpu / published * 1e6,
+        "cpu us/delivery": cpu / max(done, 1) * 1e6,
+        "cpu share": cpu / elapsed,
+    }
+
+
+def capacity(args: argparse.Namespace) -> None:
+    """Measure Redis pub/sub capacity: one node, then a 3-primary cluster (sharded)."""
+    print(
+        f"payload {args.payload} bytes, {args.seconds} s per row, one pipelining publisher;"
+        f" {os.cpu_count()} CPUs. 'subs' = subscribed processes (bus listeners).",
+        flush=True,
+    )
+    print(
+        "| setup | subs | publishes/s | deliveries/s | Redis CPU us/publish | us/delivery |", end=""
+    )
+    print(" Redis CPU |\n|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="redis_capacity-") as workdir:
+        proc, port = start_node(workdir)
+        try:
+            for subs in args.subscribers:
+                row = capacity_run(
+                    [(proc.pid, port)],
+                    [("flask_datastar:bench", port)],
+                    subs,
+                    args.payload,
+                    args.seconds,
+                    sharded=False,
+                )
+                print_row("1 node", subs, row)
+        finally:
+            stop(proc)
+        procs = [start_node(workdir, "--cluster-enabled", "yes", "--cluster-port",
+                            str(free_port())) for _ in range(3)]  # fmt: skip
+        try:
+            subprocess.run(
+                [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                 *(f"127.0.0.1:{p}" for _, p in procs), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            time.sleep(2)  # every node sees the cluster as ok
+            channels = cluster_channels([p for _, p in procs])
+            nodes = [(proc.pid, p) for proc, p in procs]
+            for subs in args.subscribers:
+                row = capacity_run(nodes, channels, subs, args.payload, args.seconds, True)
+                print_row("cluster, 3 primaries", subs, row)
+        finally:
+            for proc, _ in procs:
+                stop(proc)
+
+
+def cluster_channels(ports: list[int]) -> list[tuple[str, int]]:
+    """One registry channel per primary, with the port that owns its slot."""
+    import redis
+
+    client = redis.Redis(port=ports[0])
+    slots = client.execute_command("CLUSTER", "SLOTS")
+    client.close()
+    chosen: dict[int, str] = {}
+    for index in range(1000):
+        channel = f"flask_datastar:room-{index}"
+        slot = redis.crc.key_slot(channel.encode())
+        owner = next(int(s[2][1]) for s in slots if s[0] <= slot <= s[1])
+        chosen.setdefault(owner, channel)
+        if len(chosen) == len(ports):
+            break
+    return [(channel, port) for port, channel in chosen.items()]
+
+
+def print_row(setup: str, subs: int, row: dict[str, float]) -> None:
+    print(
+        f"| {setup} | {subs} | {row['publishes/s']:,.0f} | {row['deliveries/s']:,.0f}"
+        f" | {row['cpu us/publish']:.1f} | {row['cpu us/delivery']:.2f}"
+        f" | {row['cpu share'] * 100:.0f} % |",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tabs", type=int, default=200, help="open streams (default 200)")
@@ -299,7 +498,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="broadcasts not measured")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between them")
     parser.add_argument("--workers", type=int, default=3, help="workers of the Redis setup")
+    parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="measure Redis pub/sub capacity (one node, then a 3-primary cluster) instead",
+    )
+    parser.add_argument(
+        "--subscribers", type=int, nargs="+", default=[1, 10, 50, 200],
+        help="subscribed processes per capacity row (default 1 10 50 200)",
+    )  # fmt: skip
+    parser.add_argument("--payload", type=int, default=500, help="event bytes (capacity)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per capacity row")
     args = parser.parse_args()
+    if args.capacity:
+        capacity(args)
+        return
     with tempfile.TemporaryDirectory(prefix="redis_fanout-") as workdir:
         redis_proc, redis_url = start_redis(workdir)
         log = Path(workdir) / "gunicorn.log"

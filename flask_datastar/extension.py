@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "DATASTAR_JS_URL": None,
     "DATASTAR_JS_INTEGRITY": None,
     "DATASTAR_REDIS_URL": None,
+    "DATASTAR_REDIS": None,
     "DATASTAR_CSRF": True,
     "DATASTAR_CSRF_EXEMPT": (),
     "DATASTAR_TRUSTED_ORIGINS": (),
@@ -93,6 +94,9 @@ class DatastarConfig:
     js_url: str | None
     js_integrity: str | None
     redis_url: str | None
+    #: ``DATASTAR_REDIS``: the application's own redis-py client or pool, or a function
+    #: returning one.
+    redis: Any = None
     #: ``"all"``, ``"signals"`` or ``"off"``: see :mod:`flask_datastar.guards`.
     csrf: guards.CSRFMode = "all"
     #: Endpoint and blueprint names the CSRF check skips.
@@ -142,6 +146,7 @@ class DatastarConfig:
             js_url=config["DATASTAR_JS_URL"] or None,
             js_integrity=_integrity(config["DATASTAR_JS_INTEGRITY"]),
             redis_url=config["DATASTAR_REDIS_URL"] or None,
+            redis=config["DATASTAR_REDIS"],
             csrf=guards.parse_csrf_mode(config["DATASTAR_CSRF"]),
             csrf_exempt=guards.parse_names(config["DATASTAR_CSRF_EXEMPT"]),
             trusted_origins=guards.parse_origins(config["DATASTAR_TRUSTED_ORIGINS"]),
@@ -315,12 +320,16 @@ class FlaskDatastar:
             max_threads=max(32, config.scheduler_threads),
             slow_step=config.slow_step,
         )
-        if config.redis_url:
+        if config.redis_url or config.redis is not None:
             from .bus import RedisBus
 
+            if config.redis_url and config.redis is not None:
+                raise ValueError(
+                    "Set DATASTAR_REDIS_URL or DATASTAR_REDIS (a redis-py client), not both."
+                )
             # One bus per app: its listener thread starts in a worker only when a
             # registry of the app gets its first stream there.
-            state.bus = RedisBus(config.redis_url)
+            state.bus = RedisBus(config.redis_url, client=config.redis)
         app.extensions["datastar"] = state
         if config.csrf == "all":
             # With "signals", read_signals() alone checks.
@@ -471,7 +480,7 @@ class FlaskDatastar:
     ) -> SSERegistry:
         """Return *app*'s registry called *name*, created on first use and joined to its bus.
 
-        With ``DATASTAR_REDIS_URL`` set, the registry reaches the streams of
+        With ``DATASTAR_REDIS_URL`` (or ``DATASTAR_REDIS``) set, the registry reaches the streams of
         every process serving the app; a process that only publishes (a CLI
         command, a task worker) just calls ``registry.broadcast(...)``.
 
@@ -561,7 +570,8 @@ class FlaskDatastar:
     def bus(self, app: Flask) -> Bus | None:
         """Return the bus *app*'s registries publish through, or ``None`` without one.
 
-        With ``DATASTAR_REDIS_URL`` it is a :class:`~flask_datastar.bus.RedisBus`;
+        With ``DATASTAR_REDIS_URL`` or ``DATASTAR_REDIS`` it is a
+        :class:`~flask_datastar.bus.RedisBus`;
         call its ``close()`` when the app is discarded (in tests).
 
         :param app: an app this extension was registered on.

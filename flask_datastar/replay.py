@@ -106,6 +106,15 @@ class ReplayLog:
         client = redis_client(bus)
         if client is None:
             return MemoryLog(self.max_events, self.max_age)
+        if getattr(bus, "sharded", False):
+            # The log's script publishes with PUBLISH, which the cluster's SSUBSCRIBE
+            # listeners never see: every event would be lost, quietly. Say so instead.
+            raise ValueError(
+                f"The registry {name!r} has a replay log, which needs a single Redis (or"
+                " Sentinel) bus: on a Redis Cluster (redis+cluster://) its events would"
+                " not reach the other workers. Use DATASTAR_REDIS_URL with one node or"
+                " Sentinel for a registry with a replay log."
+            )
         return RedisLog(client, name, self.max_events, self.max_age)
 
 

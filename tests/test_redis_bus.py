@@ -682,6 +682,8 @@ def test_a_failed_publish_makes_the_other_processes_resync(
         # this one got every event and is left alone.
         wait_for(lambda: resynced == [theirs], what="the other process's resync")
         wait_for(lambda: any(b'"n":3' in data for data in theirs.received))
+        # (It comes back through Redis, like every other process's copy: wait for it.)
+        wait_for(lambda: any(b'"n":3' in data for data in mine.received))
         here.flush()
         assert [data for data in mine.received if b'"n":' in data][-1].count(b'"n":3') == 1
         assert mine not in resynced
@@ -761,3 +763,117 @@ def test_a_message_that_reaches_redis_twice_is_written_once(
     finally:
         here.close()
         there.close()
+
+
+# --- the application's own client ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["client", "pool", "factory"])
+def test_the_apps_own_client_pool_or_factory_carries_the_bus(
+    redis_server: RedisServer, admin: Any, kind: str
+) -> None:
+    redis = require_module("redis")
+    # decode_responses=True would hand the bus text; its listener reads bytes anyway.
+    app_client = redis.Redis.from_url(
+        redis_server.url, decode_responses=True, socket_timeout=2, client_name="the-app"
+    )
+    source: Any = {
+        "client": app_client,
+        "pool": app_client.connection_pool,
+        "factory": lambda: app_client,
+    }[kind]
+    here, there = RedisBus(client=source), RedisBus(client=source)
+    mine, theirs = FakeStream(), FakeStream()
+    registries = [SSERegistry("own", bus=here), SSERegistry("own", bus=there)]
+    registries[0].register(mine)
+    registries[1].register(theirs)
+    try:
+        registries[0].broadcast(SSE.patch_signals({"é": "ü"}))
+        wait_for(lambda: len(mine.received) == 1 and len(theirs.received) == 1)
+        assert mine.received == theirs.received
+        assert json.loads(mine.received[0].split(b"signals ")[1]) == {"é": "ü"}
+        # Publishing goes through the app's connections; each listener has its own.
+        names = [client["name"] for client in admin.client_list()]
+        assert names.count("flask_datastar:listener") == 2
+        assert "the-app" in names and "flask_datastar" not in names
+        if kind != "pool":
+            assert here.client is app_client
+        # A listener made from the app's settings still notices a cut and resyncs.
+        assert admin.client_kill_filter(_type="pubsub") == 2
+        wait_for(lambda: mine.closed and theirs.closed, what="the streams to be resynced")
+    finally:
+        for registry in registries:
+            registry.close()
+        here.close()
+        there.close()
+    # The bus closes what it made, and leaves the app's client alone.
+    assert app_client.ping()
+    app_client.close()
+
+
+def test_extension_takes_the_apps_client_from_the_config(
+    redis_server: RedisServer, admin: Any
+) -> None:
+    redis = require_module("redis")
+    app_client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    app = Flask("own_client_app")
+    app.config["DATASTAR_REDIS"] = app_client
+    datastar = FlaskDatastar(app)
+    bus = datastar.bus(app)
+    try:
+        assert isinstance(bus, RedisBus) and bus.client is app_client
+        registry = datastar.registry(app, "cfg")
+        tab = registry.register(FakeStream())
+        admin.publish("flask_datastar:cfg", json.dumps({"e": "event: x\ndata: y\n\n"}))
+        wait_for(lambda: tab.received == [b"event: x\ndata: y\n\n"])
+    finally:
+        assert bus is not None
+        bus.close()
+        app_client.close()
+    both = Flask("both")
+    both.config.update(DATASTAR_REDIS=app_client, DATASTAR_REDIS_URL=redis_server.url)
+    with pytest.raises(ValueError, match="not both"):
+        FlaskDatastar(both)
+
+
+def test_clients_and_urls_that_cannot_carry_the_bus_are_refused_with_a_reason(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = require_module("redis")
+    asyncio_redis = require_module("redis.asyncio")
+    sentinel = redis.sentinel.Sentinel([("127.0.0.1", redis_server.port)])
+    refused: list[tuple[Any, type[Exception], str]] = [
+        (asyncio_redis.Redis(), TypeError, "asyncio client"),
+        (sentinel, TypeError, "master_for"),
+        (sentinel.slave_for("mymaster"), ValueError, "not 'slave_for'"),
+        (
+            redis.Redis.from_url(redis_server.url, single_connection_client=True),
+            ValueError,
+            "single_connection_client",
+        ),
+        ("nats://x", ValueError, "redis\\+sentinel://"),
+        ("redis+sentinel://127.0.0.1:26379", ValueError, "must name the service"),
+        ("redis+sentinel://127.0.0.1:x/m", ValueError, "'x'.*not a number"),
+        ("redis+cluster://127.0.0.1:7000/3", ValueError, "database 0 only"),
+        (object(), TypeError, "not object"),
+    ]
+    for source, error, message in refused:
+        with pytest.raises(error, match=message):
+            if isinstance(source, str):
+                RedisBus(source)
+            else:
+                RedisBus(client=source)
+    with pytest.raises(TypeError, match="not both"):
+        RedisBus(redis_server.url, client=redis.Redis())
+    with pytest.raises(TypeError, match="your own client"):
+        RedisBus(client=redis.Redis(), socket_timeout=1)
+    # A callable is called at the first use, and checked then.
+    lazy = RedisBus(client=lambda: 6379)
+    with pytest.raises(TypeError, match="not int"):
+        lazy.publish("c", b"")
+    # A client without socket_timeout works, with a warning: a publish could hang.
+    with caplog.at_level(logging.WARNING, logger="flask_datastar"):
+        RedisBus(client=redis.Redis.from_url(redis_server.url)).close()
+    assert any("no socket_timeout" in record.getMessage() for record in caplog.records)
+    # A URL's password stays out of logs and errors.
+    assert "secret" not in repr(RedisBus("redis+sentinel://:secret@127.0.0.1:1/m"))

@@ -1,0 +1,417 @@
+"""Redis beyond one node: Sentinel (with a failover) and Redis Cluster (sharded pub/sub).
+
+Each test starts its own servers on free loopback ports (``redis-server`` as primary,
+replica, sentinel or cluster node; ``redis-cli --cluster create``) and stops them,
+then runs ``gunicorn -k gthread -w 2`` with a small app written to a temporary
+directory, whose ``DATASTAR_REDIS_URL`` is a ``redis+sentinel://`` or
+``redis+cluster://`` URL. Waits are bounded polls, never timing assertions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_datastar.bus import RedisBus, sentinel_supported
+from tests.helpers import (
+    GunicornServer,
+    RawHTTPStream,
+    free_port,
+    post,
+    require_module,
+    require_tool,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.live]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll *condition* until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+        except Exception:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"Timed out after {timeout} s waiting for {what or condition}.")
+        time.sleep(0.05)
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+class RedisProcess:
+    """One ``redis-server`` (or sentinel) with extra config lines, in its own directory."""
+
+    def __init__(self, workdir: Path, lines: list[str], sentinel: bool = False) -> None:
+        self.port = free_port()
+        self.dir = workdir / str(self.port)
+        self.dir.mkdir()
+        config = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            "daemonize no",
+            f"dir {self.dir}",
+            *([] if sentinel else ['save ""', "appendonly no"]),
+            *lines,
+        ]
+        self.config = self.dir / "redis.conf"  # a sentinel rewrites it: it must be its own
+        self.config.write_text("\n".join(config) + "\n")
+        command = [require_tool("redis-server"), str(self.config)]
+        if sentinel:
+            command.append("--sentinel")
+        self.log = self.dir / "redis.log"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        redis = require_module("redis")
+        self.client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        wait_for(self.ping, 10, f"redis-server on port {self.port}:\n{self.log_text()}")
+
+    def ping(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"redis-server on port {self.port} exited:\n{self.log_text()}")
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., RedisProcess]]:
+    """Start redis-server processes; every one is stopped after the test."""
+    started: list[RedisProcess] = []
+    with tempfile.TemporaryDirectory(prefix="redis-topology-") as workdir:
+
+        def start(lines: list[str], sentinel: bool = False) -> RedisProcess:
+            started.append(RedisProcess(Path(workdir), lines, sentinel))
+            return started[-1]
+
+        try:
+            yield start
+        finally:
+            for process in started:
+                process.stop()
+
+
+# --- the app and its tabs ----------------------------------------------------------------
+
+APP = textwrap.dedent(
+    """
+    import os
+    from flask import Flask, request
+    from flask_datastar import SSE, FlaskDatastar
+
+    app = Flask(__name__)
+    app.config["DATASTAR_REDIS_URL"] = os.environ["TOPOLOGY_REDIS_URL"]
+    app.config["DATASTAR_HEARTBEAT"] = 2.0
+    datastar = FlaskDatastar(app)
+
+    def resync(gen):
+        gen.patch_signals({"resync": os.getpid()})
+
+    def room():
+        name = "room-" + request.args.get("room", "main")
+        return datastar.registry(app, name, on_resync=resync)
+
+    @app.get("/sse")
+    @datastar.sse(on_connect=lambda gen: room().register(gen))
+    def sse(gen):
+        gen.patch_signals({"pid": os.getpid()})
+        yield gen.sleep(None)
+
+    @app.post("/say")
+    def say():
+        room().broadcast(SSE.patch_signals({"said": request.args["text"]}))
+        return {"pid": os.getpid()}
+    """
+)
+
+
+@pytest.fixture
+def topology_app(tmp_path: Path) -> Callable[[str], GunicornServer]:
+    """A gunicorn server (2 workers) running APP against the given Redis URL."""
+    (tmp_path / "topology_app.py").write_text(APP)
+
+    def make(url: str) -> GunicornServer:
+        return GunicornServer(
+            "topology_app:app",
+            workers=2,
+            threads=48,
+            cwd=tmp_path,
+            env={"TOPOLOGY_REDIS_URL": url},
+        )
+
+    return make
+
+
+class Tab:
+    """One open stream of a room; ``pid`` is the worker that holds it."""
+
+    def __init__(self, port: int, room: str) -> None:
+        self.room = room
+        self.stream = RawHTTPStream(port, f"/sse?room={room}")
+        assert self.stream.status == 200, self.stream.status
+        self._events = self.stream.events(timeout=20)
+        self.pid = int(self.next()["pid"])
+
+    def next(self) -> Any:
+        """The next signals, within 20 s (heartbeats alone would keep the stream alive)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            event = next(self._events)
+            if event.event == "datastar-patch-signals":
+                return event.signals
+        pytest.fail(f"No signals for 20 s on a tab of worker {getattr(self, 'pid', '?')}.")
+
+    def next_said(self) -> Any:
+        """The next broadcast, past any resync."""
+        signals = self.next()
+        while "resync" in signals:
+            signals = self.next()
+        return signals
+
+
+@pytest.fixture
+def tabs() -> Iterator[list[Tab]]:
+    opened: list[Tab] = []
+    yield opened
+    for tab in opened:
+        tab.stream.close()
+
+
+def open_tabs(port: int, rooms: list[str], tabs: list[Tab]) -> None:
+    """Open tabs in every room until each room has tabs in both workers (at most 60)."""
+    while True:
+        workers = {room: {tab.pid for tab in tabs if tab.room == room} for room in rooms}
+        short = [room for room in rooms if len(workers[room]) < 2]
+        if not short:
+            return
+        if len(tabs) >= 60:
+            pytest.fail(f"60 streams did not reach both workers in every room: {workers}")
+        tabs.append(Tab(port, short[0]))
+
+
+def say_to_every_room(url: str, tabs: list[Tab], rooms: list[str], text: str) -> None:
+    """Broadcast *text* in each room; each tab of a room gets it, whatever its worker."""
+    for room in rooms:
+        status, _, _ = post(f"{url}/say?room={room}&text={text}-{room}")
+        assert status == 200
+    for tab in tabs:
+        assert tab.next_said() == {"said": f"{text}-{tab.room}"}
+
+
+# --- Sentinel -----------------------------------------------------------------------------
+
+
+def test_sentinel_url_carries_broadcasts_across_workers_and_through_a_failover(
+    processes: Callable[..., RedisProcess],
+    topology_app: Callable[[str], GunicornServer],
+    tabs: list[Tab],
+) -> None:
+    primary = processes([])
+    if not sentinel_supported():
+        # redis-py 5.0.0 (the lowest supported) cannot subscribe through Sentinel.
+        with pytest.raises(RuntimeError, match="redis-py 5.0.1 or newer"):
+            RedisBus(f"redis+sentinel://127.0.0.1:{primary.port}/mymaster")
+        return
+    replica = processes([f"replicaof 127.0.0.1 {primary.port}"])
+    wait_for(
+        lambda: replica.client.info("replication")["master_link_status"] == "up",
+        what="the replica to sync",
+    )
+    sentinel = processes(
+        [
+            f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1",
+            "sentinel down-after-milliseconds mymaster 500",
+            "sentinel failover-timeout mymaster 5000",
+        ],
+        sentinel=True,
+    )
+    wait_for(
+        lambda: sentinel.client.sentinel_slaves("mymaster"),
+        what="the sentinel to see the replica",
+    )
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/0"
+    with topology_app(url) as server:
+        open_tabs(server.port, ["main"], tabs)
+        say_to_every_room(server.url, tabs, ["main"], "before")
+
+        # The primary dies; the sentinel promotes the replica, and every worker's
+        # listener and publisher find it by asking the sentinel again.
+        primary.stop()
+        wait_for(
+            lambda: (
+                int(sentinel.client.sentinel_get_master_addr_by_name("mymaster")[1]) == replica.port
+            ),
+            timeout=20,
+            what="the sentinel to promote the replica",
+        )
+        # Every tab is resynced once its worker subscribes on the new primary.
+        for tab in tabs:
+            assert tab.next() == {"resync": tab.pid}
+        assert replica.client.pubsub_numsub("flask_datastar:room-main") == [
+            ("flask_datastar:room-main", 2)
+        ]
+        say_to_every_room(server.url, tabs, ["main"], "after")
+        assert "lost the Redis subscription" in server.log_text()
+
+
+def test_an_apps_sentinel_client_carries_the_bus(
+    processes: Callable[..., RedisProcess],
+) -> None:
+    redis = require_module("redis")
+    primary = processes([])
+    if not sentinel_supported():
+        client = redis.sentinel.Sentinel([("127.0.0.1", 1)]).master_for("mymaster")
+        with pytest.raises(RuntimeError, match="redis-py 5.0.1 or newer"):
+            RedisBus(client=client)
+        return
+    sentinel = processes([f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1"], sentinel=True)
+    wait_for(lambda: sentinel.client.sentinel_masters(), what="the sentinel to start")
+    app_client = redis.sentinel.Sentinel([("127.0.0.1", sentinel.port)]).master_for(
+        "mymaster", socket_timeout=2, decode_responses=True
+    )
+    here, there = RedisBus(client=app_client), RedisBus(client=app_client)
+    try:
+        received: list[bytes] = []
+        there.subscribe("flask_datastar:s", received.append, lambda: None)
+        here.publish("flask_datastar:s", b'{"e":"x"}')
+        wait_for(lambda: received == [b'{"e":"x"}'], what="the message")
+        assert here.client is app_client
+        # The listener has a connection of its own (the sentinel holds another).
+        names = [c["name"] for c in primary.client.client_list(_type="pubsub")]
+        assert [name for name in names if "sentinel" not in name] == ["flask_datastar:listener"]
+    finally:
+        here.close()
+        there.close()
+        app_client.close()
+
+
+# --- Redis Cluster ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(processes: Callable[..., RedisProcess]) -> list[RedisProcess]:
+    """Three primaries, no replica, slots split evenly by ``redis-cli --cluster create``."""
+    nodes = [
+        processes(
+            ["cluster-enabled yes", f"cluster-port {free_port()}", "cluster-node-timeout 2000"]
+        )
+        for _ in range(3)
+    ]
+    result = subprocess.run(
+        [
+            require_tool("redis-cli", "redis-tools"),
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{node.port}" for node in nodes),
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in nodes:
+        wait_for(
+            lambda node=node: "cluster_state:ok" in node.client.execute_command("CLUSTER", "INFO"),
+            what=f"the cluster state on {node.port}",
+        )
+    return nodes
+
+
+def rooms_on_every_shard(nodes: list[RedisProcess]) -> dict[str, RedisProcess]:
+    """A room whose channel hashes to each node's slots, by name."""
+    redis = require_module("redis")
+    by_port = {node.port: node for node in nodes}
+    slots = nodes[0].client.execute_command("CLUSTER", "SLOTS")
+    owners: dict[str, RedisProcess] = {}
+    for index in range(1000):
+        room = f"r{index}"
+        slot = redis.crc.key_slot(f"flask_datastar:room-{room}".encode())
+        node = next(by_port[int(s[2][1])] for s in slots if s[0] <= slot <= s[1])
+        if node not in owners.values():
+            owners[room] = node
+        if len(owners) == len(nodes):
+            return owners
+    pytest.fail("No room name found for every shard.")
+
+
+def test_cluster_url_spreads_registries_over_shards_with_sharded_pubsub(
+    cluster: list[RedisProcess],
+    topology_app: Callable[[str], GunicornServer],
+    tabs: list[Tab],
+) -> None:
+    owners = rooms_on_every_shard(cluster)
+    rooms = list(owners)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster[:2])
+    with topology_app(url) as server:
+        open_tabs(server.port, rooms, tabs)
+        say_to_every_room(server.url, tabs, rooms, "hello")
+
+        # Each room's channel is a shard channel of the node that owns its slot, where
+        # both workers subscribed (SSUBSCRIBE); nothing used cluster-wide SUBSCRIBE.
+        for room, node in owners.items():
+            channel = f"flask_datastar:room-{room}"
+            assert node.client.execute_command("PUBSUB", "SHARDNUMSUB", channel) == [channel, 2]
+            assert node.client.pubsub_numsub(channel) == [(channel, 0)]
+
+        # One shard's subscriptions are cut: that shard's listeners reconnect and its
+        # tabs are resynced; broadcasts go on reaching every tab.
+        cut_room, cut_node = rooms[0], owners[rooms[0]]
+        assert cut_node.client.client_kill_filter(_type="pubsub") == 2
+        for tab in tabs:
+            if tab.room == cut_room:
+                assert tab.next() == {"resync": tab.pid}
+        say_to_every_room(server.url, tabs, rooms, "again")
+
+
+def test_an_apps_cluster_client_carries_the_bus(cluster: list[RedisProcess]) -> None:
+    redis = require_module("redis")
+    app_client = redis.cluster.RedisCluster(
+        host="127.0.0.1", port=cluster[0].port, socket_timeout=2
+    )
+    # Two buses stand for two processes; one gets the client from a function.
+    here, there = RedisBus(client=app_client), RedisBus(client=lambda: app_client)
+    try:
+        owners = rooms_on_every_shard(cluster)
+        channels = [f"flask_datastar:room-{room}" for room in owners]
+        received: list[bytes] = []
+        for channel in channels:
+            there.subscribe(channel, received.append, lambda: None)
+        for channel in channels:
+            here.publish(channel, channel.encode())
+        wait_for(lambda: sorted(received) == sorted(c.encode() for c in channels))
+        assert here.sharded and here.client is app_client and there.client is app_client
+        # One listener per shard, each with the shard's channel and nothing cluster-wide.
+        for channel, node in zip(channels, owners.values(), strict=True):
+            assert node.client.execute_command("PUBSUB", "SHARDCHANNELS") == [channel]
+    finally:
+        here.close()
+        there.close()
+        app_client.close()
