@@ -8,6 +8,7 @@ so code written for it keeps working after changing the import.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -301,6 +302,47 @@ def js_string(value: str) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", literal)
 
 
+def _patch_elements(
+    html: str | None,
+    selector: str | None,
+    mode: ElementPatchMode | str | None,
+    use_view_transition: bool | None,
+    view_transition_selector: str | None,
+    namespace: ElementPatchNamespace | str | None,
+    event_id: str | None,
+    retry_duration: int | None,
+) -> DatastarEvent:
+    """Build a ``datastar-patch-elements`` event (see :meth:`SSE.patch_elements`)."""
+    patch_mode = _mode(mode)
+    patch_namespace = _namespace(namespace)
+    if selector is not None:
+        _single_line("selector", selector)
+    if not selector and patch_mode not in _MODES_WITHOUT_SELECTOR:
+        raise ValueError(
+            f"Patch mode {patch_mode.value!r} needs a 'selector': only 'outer' and"
+            " 'replace' can match elements by their id."
+        )
+    data = []
+    if selector:
+        data.append(f"selector {selector}")
+    if patch_mode is not ElementPatchMode.OUTER:
+        data.append(f"mode {patch_mode.value}")
+    if use_view_transition:
+        data.append("useViewTransition true")
+        if view_transition_selector:
+            _single_line("view_transition_selector", view_transition_selector)
+            data.append(f"viewTransitionSelector {view_transition_selector}")
+    if patch_namespace is not ElementPatchNamespace.HTML:
+        data.append(f"namespace {patch_namespace.value}")
+    if html:
+        data.extend(f"elements {line}" for line in _lines(html))
+    return _event(EventType.PATCH_ELEMENTS, data, event_id, retry_duration)
+
+
+#: The events of the last few distinct calls: the same text, built once.
+_patch_elements_cached = functools.lru_cache(maxsize=64, typed=True)(_patch_elements)
+
+
 class ServerSentEventGenerator:
     """Build the text of Datastar events.
 
@@ -339,36 +381,30 @@ class ServerSentEventGenerator:
         :param event_id: the SSE ``id``, sent back as ``Last-Event-ID`` on retry.
         :param retry_duration: the client's reconnection delay in milliseconds.
         """
-        patch_mode = _mode(mode)
-        patch_namespace = _namespace(namespace)
-        if selector is not None:
-            _single_line("selector", selector)
-        if not selector and patch_mode not in _MODES_WITHOUT_SELECTOR:
-            raise ValueError(
-                f"Patch mode {patch_mode.value!r} needs a 'selector': only 'outer' and"
-                " 'replace' can match elements by their id."
-            )
-        html = elements.__html__() if isinstance(elements, HasHTML) else elements
-        if html is not None and not isinstance(html, str):
-            raise TypeError(
-                "'elements' must be a string or have an '__html__' method,"
-                f" not {type(html).__name__}."
-            )
-        data = []
-        if selector:
-            data.append(f"selector {selector}")
-        if patch_mode is not ElementPatchMode.OUTER:
-            data.append(f"mode {patch_mode.value}")
-        if use_view_transition:
-            data.append("useViewTransition true")
-            if view_transition_selector:
-                _single_line("view_transition_selector", view_transition_selector)
-                data.append(f"viewTransitionSelector {view_transition_selector}")
-        if patch_namespace is not ElementPatchNamespace.HTML:
-            data.append(f"namespace {patch_namespace.value}")
-        if html:
-            data.extend(f"elements {line}" for line in _lines(html))
-        return _event(EventType.PATCH_ELEMENTS, data, event_id, retry_duration)
+        html = elements
+        if html is not None and type(html) is not str:
+            if isinstance(html, HasHTML):
+                html = html.__html__()
+            if not isinstance(html, str):
+                raise TypeError(
+                    "'elements' must be a string or have an '__html__' method,"
+                    f" not {type(html).__name__}."
+                )
+        args = (
+            html,
+            selector,
+            mode,
+            use_view_transition,
+            view_transition_selector,
+            namespace,
+            event_id,
+            retry_duration,
+        )
+        try:
+            # Every tab of a fat-morph app sends the same content each tick: build it once.
+            return _patch_elements_cached(*args)
+        except TypeError:
+            return _patch_elements(*args)  # an argument that cannot be a cache key
 
     @classmethod
     def remove_elements(

@@ -129,6 +129,13 @@ def check_event(event: str | bytes) -> None:
         )
 
 
+@functools.lru_cache(maxsize=128, typed=True)
+def _chunk_of(event: str | bytes) -> Chunk:
+    """The checked and encoded chunk of *event*; the last few are kept, as they repeat."""
+    check_event(event)
+    return Chunk(event)
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """The settings a stream runs with (``DATASTAR_*`` keys, read once by the extension).
@@ -461,15 +468,19 @@ class Stream:
         if isinstance(event, Chunk):
             chunk = event
         else:
-            check_event(event)
-            chunk = Chunk(event)
+            try:
+                # The same event for many streams (a tick of every tab): encoded once.
+                chunk = _chunk_of(event)
+            except TypeError:
+                check_event(event)  # says what is wrong
+                raise
         owner = self._is_own_write()
         with self._lock:
             self._write_locked(chunk, owner)
 
     def _is_own_write(self) -> bool:
         """Whether the caller is the stream's handler or hook (its events are never refused)."""
-        return getattr(_local, "stream", None) is self or threading.get_ident() == self._owner
+        return _current.get() is self or threading.get_ident() == self._owner
 
     def patch_elements(
         self,
