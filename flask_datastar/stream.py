@@ -941,6 +941,10 @@ class Stream:
             handler_iter = yield from self._first_steps(handler_iter)
             if handler_iter is None or self._closed:
                 return
+            # attack fix: from here on no step runs on this thread, which the server
+            # may give to other requests (at once, once released): their sends are
+            # not the stream's own (unbounded), nor is their wait_closed() a deadlock.
+            self._owner = None
             self._steps, handler_iter = handler_iter, None
             self._job = Job(self._tick, str(self.environ.get("PATH_INFO", "")))
             if self._release():

@@ -1,0 +1,83 @@
+"""The app of tests/test_engine_attack.py: streams pushed at the engine's edges.
+
+Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_env()``).
+
+- ``GET /idle``: a stream that sleeps until it ends (registered in ``idle``).
+- ``GET /burst?n=N&size=S``: *N* events of *S* bytes before the first pause.
+- ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
+- ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
+  from this request's thread.
+- ``GET /stats``: open streams, how far ``/burst`` got, the ends seen and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, jsonify, request
+
+from flask_datastar import SSE, FlaskDatastar, Stream, StreamClosed, open_streams
+
+app = Flask(__name__)
+app.config.from_prefixed_env()
+datastar = FlaskDatastar(app)
+
+idle: list[Stream] = []
+progress: dict[str, int] = {"burst": 0}
+ended: list[str] = []
+
+
+def remember_end(gen: Stream) -> None:
+    ended.append(gen.close_reason)
+    if gen in idle:
+        idle.remove(gen)
+
+
+@app.get("/idle")
+@datastar.sse(on_connect=idle.append, on_disconnect=remember_end)
+def idle_stream(gen: Stream) -> Iterator[Any]:
+    gen.patch_signals({"idle": True})
+    yield gen.sleep()
+
+
+@app.get("/burst")
+@datastar.sse(on_disconnect=remember_end)
+def burst(gen: Stream) -> Iterator[Any]:
+    n = int(request.args.get("n", "100"))
+    size = int(request.args.get("size", "65536"))
+    for i in range(n):
+        progress["burst"] = i + 1
+        yield SSE.patch_elements(f"<div id='b'>{'x' * size}</div>")
+    yield gen.sleep()
+
+
+@app.post("/close-and-wait")
+def close_and_wait() -> Any:
+    results = []
+    for gen in list(idle):
+        gen.close()
+        results.append(gen.wait_closed(5))
+    idle.clear()
+    return jsonify(results)
+
+
+@app.post("/poke")
+def poke() -> Any:
+    size = int(request.args.get("size", "65536"))
+    n = int(request.args.get("n", "1"))
+    event = SSE.patch_elements(f"<div id='p'>{'y' * size}</div>")
+    refused = 0
+    for gen in list(idle):
+        for _ in range(n):
+            try:
+                gen.send(event)
+            except StreamClosed:
+                refused += 1
+                break
+    return jsonify(refused=refused)
+
+
+@app.get("/stats")
+def stats() -> Any:
+    return jsonify(open=len(open_streams()), progress=progress, ended=ended)

@@ -1,0 +1,71 @@
+"""The thread-free engine at its edges, under a real gunicorn: bugs found by attacking it.
+
+Each test here failed on the engine as first written (see the commit that fixed
+it). One worker with one thread, so a later request runs on the very thread that
+opened a stream and ran its handler's first steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import GunicornServer, RawHTTPStream, get_json, post, wait_for
+
+APP = "tests.live_apps.engine_attack_app:app"
+HEADERS = {"Datastar-Request": "true"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[GunicornServer]:
+    with GunicornServer(
+        APP,
+        threads=1,
+        env={
+            "FLASK_DATASTAR_HEARTBEAT": "20",
+            "FLASK_DATASTAR_MAX_BACKLOG": "65536",
+            "FLASK_DATASTAR_SEND_TIMEOUT": "2",
+        },
+    ) as server:
+        yield server
+
+
+def open_idle(server: GunicornServer, rcvbuf: int | None = None) -> RawHTTPStream:
+    stream = RawHTTPStream(server.port, "/idle", headers=HEADERS, rcvbuf=rcvbuf)
+    assert stream.status == 200
+    for event in stream.events(timeout=5):
+        if event.event == "datastar-patch-signals":
+            assert event.signals == {"idle": True}
+            break
+    return stream
+
+
+def stats(server: GunicornServer) -> Any:
+    return get_json(server, "/stats")
+
+
+def test_wait_closed_from_a_later_request_on_the_thread_that_opened_the_stream(
+    server: GunicornServer,
+) -> None:
+    # The stream gave its thread back; the same thread now serves a command that
+    # ends the stream and waits for it: that is not "the stream's own thread".
+    with open_idle(server):
+        status, _, body = post(server.url + "/close-and-wait")
+        assert status == 200, body
+        assert body == b"[true]\n"
+    assert wait_for(lambda: stats(server)["open"] == 0)
+
+
+def test_a_later_request_on_the_same_thread_is_bounded_like_any_other_sender(
+    server: GunicornServer,
+) -> None:
+    # Events sent to a client that stopped reading, from a request that happens to
+    # run on the thread that opened its stream, are bounded by max_backlog: the
+    # stream is ended, rather than buffering them all (13 MB here).
+    with open_idle(server, rcvbuf=4096):
+        status, _, body = post(server.url + "/poke?size=65536&n=200", timeout=20)
+        assert status == 200, body
+        assert body == b'{"refused":1}\n'
+        assert wait_for(lambda: any("not reading" in r for r in stats(server)["ended"]))
