@@ -1002,6 +1002,17 @@ class Stream:
                     self.send(Chunk(item))  # _next_step checked it already
                 except StreamClosed:
                     pass
+            # attack fix: the handler's own events are unbounded; before its first pause
+            # it waits here for a slow client, as _loop does, instead of growing the backlog.
+            transport = self._transport
+            if (
+                isinstance(transport, SocketTransport)
+                and transport.pending() > self.config.max_backlog
+            ):
+                try:
+                    self._drain_owner()
+                except StreamClosed:
+                    pass  # ended: the next turn returns
 
     def _park(self) -> Iterator[bytes]:
         """Hand what the scheduler's steps queue to the server, until the stream has ended."""

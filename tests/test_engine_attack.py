@@ -69,3 +69,17 @@ def test_a_later_request_on_the_same_thread_is_bounded_like_any_other_sender(
         assert status == 200, body
         assert body == b'{"refused":1}\n'
         assert wait_for(lambda: any("not reading" in r for r in stats(server)["ended"]))
+
+
+def test_a_handler_that_sends_before_its_first_pause_waits_for_a_slow_client(
+    server: GunicornServer,
+) -> None:
+    # 400 events of 64 KiB (26 MB) before the first pause, to a client that reads
+    # nothing: the handler waits at max_backlog, and the stream ends after
+    # send_timeout, instead of buffering every event.
+    before = len(stats(server)["ended"])
+    with RawHTTPStream(server.port, "/burst?n=400&size=65536", headers=HEADERS, rcvbuf=4096):
+        # Ended by send_timeout (the wait, or TCP_USER_TIMEOUT: whichever comes first).
+        assert wait_for(lambda: len(stats(server)["ended"]) > before)
+        assert stats(server)["progress"]["burst"] < 400
+
