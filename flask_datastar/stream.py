@@ -985,7 +985,9 @@ class Stream:
                 if data:
                     yield data  # the server writes it; a failed write closes this generator
             if steps is None or self._closed:
-                return None
+                # attack fix: an open handler goes back to _run, which closes it in the
+                # stream's context (dropped here, its finally ran without the request).
+                return steps
             item, alive = self._next_step(steps)
             if not alive:
                 steps = None

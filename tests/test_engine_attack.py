@@ -83,3 +83,10 @@ def test_a_handler_that_sends_before_its_first_pause_waits_for_a_slow_client(
         assert wait_for(lambda: len(stats(server)["ended"]) > before)
         assert stats(server)["progress"]["burst"] < 400
 
+
+def test_a_handler_closed_before_its_first_pause_runs_its_finally_in_the_request(
+    server: GunicornServer,
+) -> None:
+    with RawHTTPStream(server.port, "/doomed?x=kept", headers=HEADERS) as stream:
+        assert [e.signals for e in stream.events(timeout=5)] == [{"doomed": True}]
+    assert wait_for(lambda: "kept" in stats(server)["finals"])

@@ -4,6 +4,7 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 
 - ``GET /idle``: a stream that sleeps until it ends (registered in ``idle``).
 - ``GET /burst?n=N&size=S``: *N* events of *S* bytes before the first pause.
+- ``GET /doomed?x=V``: a stream closed in its first step; its ``finally`` records ``x``.
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
@@ -26,6 +27,7 @@ datastar = FlaskDatastar(app)
 idle: list[Stream] = []
 progress: dict[str, int] = {"burst": 0}
 ended: list[str] = []
+finals: list[str] = []
 
 
 def remember_end(gen: Stream) -> None:
@@ -50,6 +52,18 @@ def burst(gen: Stream) -> Iterator[Any]:
         progress["burst"] = i + 1
         yield SSE.patch_elements(f"<div id='b'>{'x' * size}</div>")
     yield gen.sleep()
+
+
+@app.get("/doomed")
+@datastar.sse
+def doomed(gen: Stream) -> Iterator[Any]:
+    try:
+        gen.patch_signals({"doomed": True})
+        gen.close()  # ended before its first pause (a client gone, a close from elsewhere)
+        yield None
+        yield gen.sleep()
+    finally:
+        finals.append(request.args.get("x", "no request"))
 
 
 @app.post("/close-and-wait")
@@ -80,4 +94,4 @@ def poke() -> Any:
 
 @app.get("/stats")
 def stats() -> Any:
-    return jsonify(open=len(open_streams()), progress=progress, ended=ended)
+    return jsonify(open=len(open_streams()), progress=progress, ended=ended, finals=finals)
