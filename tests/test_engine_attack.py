@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import GunicornServer, RawHTTPStream, get_json, post, wait_for
+from tests.helpers import (
+    ConnectionClosed,
+    GunicornServer,
+    RawHTTPStream,
+    get_json,
+    post,
+    wait_for,
+)
 
 APP = "tests.live_apps.engine_attack_app:app"
 HEADERS = {"Datastar-Request": "true"}
@@ -90,3 +97,16 @@ def test_a_handler_closed_before_its_first_pause_runs_its_finally_in_the_request
     with RawHTTPStream(server.port, "/doomed?x=kept", headers=HEADERS) as stream:
         assert [e.signals for e in stream.events(timeout=5)] == [{"doomed": True}]
     assert wait_for(lambda: "kept" in stats(server)["finals"])
+
+
+def test_a_refusal_over_http_1_0_is_cut_so_that_the_client_retries() -> None:
+    # HTTP/1.0 has no chunks (nor has an HTTP/1.0 proxy, nginx's default upstream):
+    # a body cut after the retry line would end as cleanly as any other, and the
+    # Datastar client does not reopen a stream that ended cleanly.
+    env = {"FLASK_DATASTAR_MAX_STREAMS": "1", "FLASK_DATASTAR_CLIENT_SHARE": "1"}
+    with GunicornServer(APP, threads=2, env=env) as server, open_idle(server):
+        stream = RawHTTPStream(server.port, "/idle", headers=HEADERS, http_version="HTTP/1.0")
+        with stream:
+            assert stream.status == 200
+            with pytest.raises(ConnectionClosed):
+                stream.read_body(timeout=5)
