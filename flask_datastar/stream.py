@@ -1023,6 +1023,8 @@ class Stream:
                 data = b""
                 if isinstance(self._transport, QueueTransport):
                     data = self._transport.take()
+                    if data and self._backlogged:
+                        self._wake_job()  # attack fix: the handler waited for this take
                 done = self._closed and self._phase != _RUNNING
             if data:
                 yield data  # the server writes it; a failed write closes this generator
@@ -1146,7 +1148,9 @@ class Stream:
                         pass
                 self._wake_at = now  # an event or a checkpoint: go on at the next turn
         transport = self._transport
-        if isinstance(transport, SocketTransport) and not self._closed:
+        # attack fix: the queue path too; there the server's thread takes the queue
+        # (see _park), and the steps must not outrun it for a client that reads nothing.
+        if not self._closed:
             if transport.pending() > config.max_backlog:
                 if not self._backlogged:
                     self._backlogged = now

@@ -110,3 +110,26 @@ def test_a_refusal_over_http_1_0_is_cut_so_that_the_client_retries() -> None:
             assert stream.status == 200
             with pytest.raises(ConnectionClosed):
                 stream.read_body(timeout=5)
+
+
+def test_on_the_portable_path_steps_wait_for_a_slow_client() -> None:
+    # HTTP/1.0: the queue path, where the server's thread writes what the steps queue.
+    # The steps run on the scheduler; their events must wait for that thread to take
+    # the queue, not pile up in it (26 MB here) for a client that reads nothing.
+    env = {"FLASK_DATASTAR_MAX_BACKLOG": "65536", "FLASK_DATASTAR_SEND_TIMEOUT": "2"}
+    with GunicornServer(APP, threads=4, env=env) as server:
+        with RawHTTPStream(
+            server.port,
+            "/burst?n=400&size=65536&pause=1",
+            headers=HEADERS,
+            http_version="HTTP/1.0",
+            rcvbuf=4096,
+        ):
+            assert wait_for(lambda: stats(server)["ended"])
+            assert stats(server)["progress"]["burst"] < 400
+        # A client that reads gets every event: the handler goes on as the queue empties.
+        with RawHTTPStream(
+            server.port, "/burst?n=60&size=65536&pause=1", headers=HEADERS, http_version="HTTP/1.0"
+        ) as stream:
+            patches = stream.events(timeout=5)
+            assert sum(1 for _, e in zip(range(60), patches) if e.event) == 60

@@ -3,7 +3,8 @@
 Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_env()``).
 
 - ``GET /idle``: a stream that sleeps until it ends (registered in ``idle``).
-- ``GET /burst?n=N&size=S``: *N* events of *S* bytes before the first pause.
+- ``GET /burst?n=N&size=S``: *N* events of *S* bytes before the first pause (after a
+  first pause with ``pause=1``).
 - ``GET /doomed?x=V``: a stream closed in its first step; its ``finally`` records ``x``.
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
@@ -48,6 +49,8 @@ def idle_stream(gen: Stream) -> Iterator[Any]:
 def burst(gen: Stream) -> Iterator[Any]:
     n = int(request.args.get("n", "100"))
     size = int(request.args.get("size", "65536"))
+    if request.args.get("pause"):
+        yield gen.sleep(0)  # from here on, on the scheduler
     for i in range(n):
         progress["burst"] = i + 1
         yield SSE.patch_elements(f"<div id='b'>{'x' * size}</div>")
