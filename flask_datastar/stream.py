@@ -158,6 +158,10 @@ class Sleep:
     __slots__ = ("seconds",)
 
     def __init__(self, seconds: float | None) -> None:
+        # attack fix: "not >= 0" also refuses NaN (float("nan") from a query string),
+        # which as a due time stopped the scheduler's timer for every stream.
+        if seconds is not None and not seconds >= 0:
+            raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
         self.seconds = seconds
 
     def __repr__(self) -> str:
@@ -545,8 +549,8 @@ class Stream:
             raise RuntimeError(
                 "'gen.sleep()' only pauses when it is yielded: write 'yield gen.sleep(1)'."
             )
-        if seconds is not None and seconds < 0:
-            raise ValueError(f"Cannot sleep for a negative time ({seconds}).")
+        if seconds is not None and not seconds >= 0:  # NaN too
+            raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
         pause = Sleep(seconds)
         self._pending_sleep = pause
         return pause

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from flask_datastar.scheduler import Job, scheduler
+from flask_datastar.stream import Sleep, Stream
+
 from tests.helpers import (
     ConnectionClosed,
     GunicornServer,
@@ -135,3 +138,27 @@ def test_on_the_portable_path_steps_wait_for_a_slow_client() -> None:
             events = (e for e in stream.events(timeout=5) if e.event)
             assert len(list(itertools.islice(events, 60))) == 60
 
+
+def test_a_sleep_of_nan_seconds_does_not_stop_every_other_stream(
+    server: GunicornServer,
+) -> None:
+    # float("nan") from a query string is a float like any other; as a due time it
+    # sat at the top of the scheduler's heap, never due, and no timer fired again.
+    with RawHTTPStream(server.port, "/steady", headers=HEADERS) as steady:
+        ticks = (e.signals["n"] for e in steady.events(timeout=5) if e.event)
+        next(ticks)
+        with RawHTTPStream(server.port, "/nap?seconds=nan", headers=HEADERS) as nap:
+            assert nap.status == 200
+            # The steady stream keeps ticking.
+            for _ in range(5):
+                next(ticks)
+
+
+def test_nan_is_refused_where_a_pause_or_a_due_time_is_made() -> None:
+    nan = float("nan")
+    with pytest.raises(ValueError, match="a pause is 0 or more"):
+        Stream({}).sleep(nan)
+    with pytest.raises(ValueError, match="a pause is 0 or more"):
+        Sleep(nan)
+    with pytest.raises(ValueError, match="NaN"):
+        scheduler().schedule(Job(lambda: None, "nan"), nan)

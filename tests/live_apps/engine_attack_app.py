@@ -6,6 +6,8 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``GET /burst?n=N&size=S``: *N* events of *S* bytes before the first pause (after a
   first pause with ``pause=1``).
 - ``GET /doomed?x=V``: a stream closed in its first step; its ``finally`` records ``x``.
+- ``GET /steady``: a patch ``{"n": N}`` every 0.05 s.
+- ``GET /nap?seconds=S``: one patch, then sleeps *S* seconds, over and over.
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
@@ -67,6 +69,25 @@ def doomed(gen: Stream) -> Iterator[Any]:
         yield gen.sleep()
     finally:
         finals.append(request.args.get("x", "no request"))
+
+
+@app.get("/steady")
+@datastar.sse
+def steady(gen: Stream) -> Iterator[Any]:
+    n = 0
+    while True:
+        n += 1
+        gen.patch_signals({"n": n})
+        yield gen.sleep(0.05)
+
+
+@app.get("/nap")
+@datastar.sse
+def nap(gen: Stream) -> Iterator[Any]:
+    gen.patch_signals({"nap": True})
+    while True:
+        # Whatever the query says, as an app that reads its refresh period from it.
+        yield gen.sleep(float(request.args.get("seconds", "1")))
 
 
 @app.post("/close-and-wait")
