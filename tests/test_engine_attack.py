@@ -15,7 +15,6 @@ import pytest
 
 from flask_datastar.scheduler import Job, scheduler
 from flask_datastar.stream import Sleep, Stream
-
 from tests.helpers import (
     ConnectionClosed,
     GunicornServer,
