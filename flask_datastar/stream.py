@@ -158,10 +158,17 @@ class Sleep:
     __slots__ = ("seconds",)
 
     def __init__(self, seconds: float | None) -> None:
-        # attack fix: "not >= 0" also refuses NaN (float("nan") from a query string),
-        # which as a due time stopped the scheduler's timer for every stream.
-        if seconds is not None and not seconds >= 0:
-            raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
+        if seconds is not None:
+            # attack fix: a float here, in the handler, as time.sleep() takes it (a
+            # Decimal, a huge int): a due time that failed later in a scheduled step
+            # left the stream open and silent for good.
+            if isinstance(seconds, (str, bytes)):
+                raise TypeError(f"A pause is a number of seconds, not {seconds!r}.")
+            seconds = float(seconds)
+            # attack fix: "not >= 0" also refuses NaN (float("nan") from a query
+            # string), which as a due time stopped the timer of every stream.
+            if not seconds >= 0:
+                raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
         self.seconds = seconds
 
     def __repr__(self) -> str:
@@ -549,9 +556,7 @@ class Stream:
             raise RuntimeError(
                 "'gen.sleep()' only pauses when it is yielded: write 'yield gen.sleep(1)'."
             )
-        if seconds is not None and not seconds >= 0:  # NaN too
-            raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
-        pause = Sleep(seconds)
+        pause = Sleep(seconds)  # checks it
         self._pending_sleep = pause
         return pause
 

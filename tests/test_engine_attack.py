@@ -161,3 +161,11 @@ def test_nan_is_refused_where_a_pause_or_a_due_time_is_made() -> None:
         Sleep(nan)
     with pytest.raises(ValueError, match="NaN"):
         scheduler().schedule(Job(lambda: None, "nan"), nan)
+
+
+def test_a_pause_given_as_a_decimal_goes_on_ticking(server: GunicornServer) -> None:
+    # time.sleep() takes any real number. In a scheduled step, the due time failed
+    # (float + Decimal) outside the handler: the stream was left open, silent, for good.
+    with RawHTTPStream(server.port, "/decimal", headers=HEADERS) as stream:
+        ticks = (e.signals["n"] for e in stream.events(timeout=5) if e.event)
+        assert list(itertools.islice(ticks, 3)) == [1, 2, 3]

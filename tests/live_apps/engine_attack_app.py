@@ -8,6 +8,7 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``GET /doomed?x=V``: a stream closed in its first step; its ``finally`` records ``x``.
 - ``GET /steady``: a patch ``{"n": N}`` every 0.05 s.
 - ``GET /nap?seconds=S``: one patch, then sleeps *S* seconds, over and over.
+- ``GET /decimal``: a patch ``{"n": N}`` every ``Decimal("0.05")`` s.
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
@@ -17,6 +18,7 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -88,6 +90,18 @@ def nap(gen: Stream) -> Iterator[Any]:
     while True:
         # Whatever the query says, as an app that reads its refresh period from it.
         yield gen.sleep(float(request.args.get("seconds", "1")))
+
+
+@app.get("/decimal")
+@datastar.sse
+def decimal_period(gen: Stream) -> Iterator[Any]:
+    yield gen.sleep(0.01)  # from here on, on the scheduler
+    n = 0
+    while True:
+        n += 1
+        gen.patch_signals({"n": n})
+        # A period read from a NUMERIC column: time.sleep() takes a Decimal too.
+        yield gen.sleep(Decimal("0.05"))
 
 
 @app.post("/close-and-wait")
