@@ -960,11 +960,25 @@ class Stream:
                 handed_off = True
                 self._wake_job()
                 return
+            over = False
             with _open_lock:
                 if not self._holds_thread:
                     # Kept by the portable path after all: count it where it belongs.
-                    _thread_held[0] += 1
-                    self._holds_thread = True
+                    limit = _thread_limit[0]
+                    over = limit is not None and _thread_held[0] >= limit
+                    if not over:
+                        _thread_held[0] += 1
+                        self._holds_thread = True
+            if over:
+                # attack fix: admission expected this stream to give its thread back (a
+                # middleware hiding gunicorn's response, no file descriptor left...): past
+                # the thread limit it is turned away as admission would, with a retry.
+                log.info(
+                    "flask_datastar: refused a stream of %s: every server thread that"
+                    " streams may hold is taken",
+                    self.environ.get("PATH_INFO", ""),
+                )
+                self._end_spread(3.0)
             self._wake_job()
             yield from self._park()
         except GeneratorExit:

@@ -169,3 +169,31 @@ def test_a_pause_given_as_a_decimal_goes_on_ticking(server: GunicornServer) -> N
     with RawHTTPStream(server.port, "/decimal", headers=HEADERS) as stream:
         ticks = (e.signals["n"] for e in stream.events(timeout=5) if e.event)
         assert list(itertools.islice(ticks, 3)) == [1, 2, 3]
+
+
+def test_streams_that_keep_their_thread_after_all_leave_threads_for_commands() -> None:
+    # A middleware that wraps start_response hides gunicorn's response: no stream can
+    # give its thread back, though admission expected it. With 4 threads (2 for
+    # streams that keep one), 4 such streams must not take every thread.
+    with GunicornServer(
+        "tests.live_apps.engine_attack_app:wrapped", config="gunicorn.conf.py", threads=4
+    ) as server:
+        streams = [RawHTTPStream(server.port, "/idle", headers=HEADERS) for _ in range(4)]
+        try:
+            status, _, _ = post(server.url + "/poke?size=10", timeout=5)
+            assert status == 200
+            # Two keep a thread; the others were turned away so that they retry.
+            assert wait_for(lambda: stats(server)["open"] == 2)
+            retries = []
+            for stream in streams:
+                try:
+                    for _ in stream.events(timeout=1.5):
+                        pass
+                except ConnectionClosed:  # cut: the client reconnects
+                    retries.append(int(stream.parser.retry or 0))
+                except TimeoutError:
+                    pass  # open, on its thread
+            assert len(retries) == 2 and all(1000 <= r <= 4000 for r in retries), retries
+        finally:
+            for stream in streams:
+                stream.close()

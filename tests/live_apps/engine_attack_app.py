@@ -12,6 +12,7 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
+- ``wrapped``: the app behind a middleware that hides gunicorn's response object.
 - ``GET /stats``: open streams, how far ``/burst`` got, the ends seen and why.
 """
 
@@ -133,3 +134,16 @@ def poke() -> Any:
 @app.get("/stats")
 def stats() -> Any:
     return jsonify(open=len(open_streams()), progress=progress, ended=ended, finals=finals)
+
+
+def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+    """The app behind a middleware that wraps ``start_response`` (as error trackers do).
+
+    It hides gunicorn's response object: every stream takes the portable path and
+    keeps its thread.
+    """
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return start_response(status, headers, exc_info)
+
+    return app.wsgi_app(environ, start)
