@@ -825,7 +825,9 @@ class Stream:
         try:
             for hook in reversed(self._on_disconnect):
                 try:
-                    self._enter(hook, self)
+                    # As a step: on whichever thread the end runs, the hook is the
+                    # stream's own (its wait_closed() is refused, not a deadlock).
+                    self._step(functools.partial(hook, self))
                 except Exception:
                     log.exception("flask_datastar: error in an on_disconnect hook")
             for registry in list(self._registries):

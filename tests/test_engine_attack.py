@@ -197,3 +197,16 @@ def test_streams_that_keep_their_thread_after_all_leave_threads_for_commands() -
         finally:
             for stream in streams:
                 stream.close()
+
+
+@pytest.mark.parametrize("http_version", ["HTTP/1.1", "HTTP/1.0"], ids=["released", "queue"])
+def test_wait_closed_in_an_on_disconnect_hook_is_refused_at_once(
+    server: GunicornServer, http_version: str
+) -> None:
+    # The hook runs as part of the stream's end: waiting there for that end cannot end.
+    before = stats(server)["finals"].count("wait refused")
+    with RawHTTPStream(
+        server.port, "/wait-in-hook", headers=HEADERS, http_version=http_version
+    ) as stream:
+        assert stream.status == 200
+        assert wait_for(lambda: stats(server)["finals"].count("wait refused") > before, 3)

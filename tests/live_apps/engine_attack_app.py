@@ -9,6 +9,7 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``GET /steady``: a patch ``{"n": N}`` every 0.05 s.
 - ``GET /nap?seconds=S``: one patch, then sleeps *S* seconds, over and over.
 - ``GET /decimal``: a patch ``{"n": N}`` every ``Decimal("0.05")`` s.
+- ``GET /wait-in-hook``: ends at once; its ``on_disconnect`` calls ``wait_closed``.
 - ``POST /close-and-wait``: close every ``idle`` stream and wait for each to end.
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
@@ -103,6 +104,23 @@ def decimal_period(gen: Stream) -> Iterator[Any]:
         gen.patch_signals({"n": n})
         # A period read from a NUMERIC column: time.sleep() takes a Decimal too.
         yield gen.sleep(Decimal("0.05"))
+
+
+def wait_in_hook(gen: Stream) -> None:
+    try:
+        gen.wait_closed(5)
+        finals.append("waited")
+    except RuntimeError:
+        finals.append("wait refused")
+
+
+@app.get("/wait-in-hook")
+@datastar.sse(on_disconnect=wait_in_hook)
+def wait_in_hook_stream(gen: Stream) -> Iterator[Any]:
+    gen.patch_signals({"hooked": True})
+    yield gen.sleep(0.01)
+    gen.close()
+    yield None
 
 
 @app.post("/close-and-wait")
