@@ -1077,8 +1077,8 @@ class Stream:
 
         Only on the direct path under gunicorn, whose response object and
         socket are known: the stream takes a duplicate of the client socket,
-        and the server's own file descriptor is pointed at a socket whose
-        peer has already closed, so that gunicorn's end of the response
+        and the server's own file descriptor is pointed at an unconnected
+        socket of the same kind, so that gunicorn's end of the response
         (no terminating chunk: the stream writes it; then a close, or a
         graceful close) touches nothing the client sees. The connection then
         closes when the stream ends, whatever its keep-alive.
@@ -1098,10 +1098,22 @@ class Stream:
             old = transport.sock
             try:
                 own = old.dup()
-                dead_a, dead_b = socket.socketpair()
             except OSError:
                 return False  # out of file descriptors: keep the thread
             try:
+                # attack fix: an unconnected socket of the same kind, not an AF_UNIX
+                # pair: the application may hold gunicorn's socket object (read from
+                # the environ before this), and TCP options on it must keep working;
+                # a write fails (EPIPE), and a shutdown or close touches no client.
+                dead = socket.socket(old.family, old.type, old.proto)
+            except OSError:
+                own.close()
+                return False
+            try:
+                if isinstance(self.environ, dict):
+                    # What the application reads as the client's socket from now on:
+                    # set before gunicorn's number stops being the client's.
+                    self.environ["gunicorn.socket"] = own
                 watcher = SocketWatcher.get()
                 # Unregister before the number changes what it stands for: epoll keys
                 # its entries on the open file, which the duplicate keeps alive.
@@ -1110,15 +1122,11 @@ class Stream:
                 watcher.add(own, self)
                 if transport.pending():
                     watcher.want_write(own, True)
-                dead_b.close()
-                os.dup2(dead_a.fileno(), old.fileno())
+                os.dup2(dead.fileno(), old.fileno())
             finally:
-                dead_a.close()
+                dead.close()
             self._sock = own
             self._released = True
-            if isinstance(self.environ, dict):
-                # What the application reads as the client's socket from now on.
-                self.environ["gunicorn.socket"] = own
             # gunicorn writes no terminating chunk and keeps no connection alive.
             server_response.chunked = False
             server_response.force_close()

@@ -210,3 +210,15 @@ def test_wait_closed_in_an_on_disconnect_hook_is_refused_at_once(
     ) as stream:
         assert stream.status == 200
         assert wait_for(lambda: stats(server)["finals"].count("wait refused") > before, 3)
+
+
+def test_a_socket_kept_from_before_the_release_stays_a_tcp_socket(
+    server: GunicornServer,
+) -> None:
+    # gunicorn's socket object, as the view or the handler's first step saw it, was
+    # pointed at a dead AF_UNIX socket pair: TCP options on it failed (EOPNOTSUPP)
+    # until gunicorn closed it. Now it looks like a closed TCP connection.
+    for _ in range(20):
+        with RawHTTPStream(server.port, "/kept-socket", headers=HEADERS) as stream:
+            patches = [e.signals for e in stream.events(timeout=5) if e.event]
+            assert len(patches) == 1 and "error" not in patches[0], patches

@@ -14,11 +14,13 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``POST /poke?size=S&n=N``: send *N* events of *S* bytes to every ``idle`` stream,
   from this request's thread.
 - ``wrapped``: the app behind a middleware that hides gunicorn's response object.
+- ``GET /kept-socket``: reads TCP_INFO, after its first pause, on the socket it saw first.
 - ``GET /stats``: open streams, how far ``/burst`` got, the ends seen and why.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -147,6 +149,23 @@ def poke() -> Any:
                 refused += 1
                 break
     return jsonify(refused=refused)
+
+
+@app.get("/kept-socket")
+@datastar.sse
+def kept_socket(gen: Stream) -> Iterator[Any]:
+    # The socket as the view saw it, used again once the stream gave its thread back.
+    sock = gen.environ["gunicorn.socket"]
+    yield gen.sleep(0)
+    try:
+        state = (
+            None
+            if sock.fileno() == -1
+            else sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        )
+        gen.patch_signals({"state": state})
+    except OSError as e:
+        gen.patch_signals({"error": str(e)})
 
 
 @app.get("/stats")
