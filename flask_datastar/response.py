@@ -122,29 +122,32 @@ _REFUSALS = {
 _REFUSAL_METRIC = {"full": "limit", "threads": "threads", "client": "client_share"}
 
 
-def _refusal_body(environ: Any, reason: str) -> Iterator[bytes] | None:
+def _refusal_body(environ: Any, reason: str) -> tuple[Iterator[bytes], int] | None:
     """A stream that the Datastar client retries by itself, with a random delay.
 
     The client reopens a stream only after a network error or an abrupt
     end: it does not retry a 503. So a refused stream is a 200 that tells
     the client when to come back (``retry:``) and is then cut. ``None``
     where the connection cannot be cut (no client socket): a 503 then.
+
+    :return: the body, and its length in bytes.
     """
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     if not isinstance(sock, socket.socket):
         return None
     delay = int(random.uniform(*REFUSED_RETRY) * 1000)
     note = f": refused: {_REFUSALS.get(reason, reason)}; retry in {delay} ms\nretry: {delay}\n\n"
+    data = note.encode()
 
     def body() -> Iterator[bytes]:
-        yield note.encode()
+        yield data
         # The server's end of the response must fail: the client sees a cut stream.
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    return body()
+    return body(), len(data)
 
 
 def _encoding(compress: Compress, headers: dict[str, str]) -> tuple[str | None, int, bool]:
@@ -220,6 +223,8 @@ class DatastarResponse(Response):
         **kwargs: Any,
     ) -> None:
         self.datastar_stream: Stream | None = None
+        # The Content-Length of a refusal that must look cut (see _refuse).
+        self._refusal_length: int | None = None
         all_headers = dict(self.default_headers)
         if headers:
             for name in headers:
@@ -245,6 +250,8 @@ class DatastarResponse(Response):
             )
             super().__init__(body, status, all_headers, **kwargs)
             self._set_encoding(encoding, vary)
+            if self._refusal_length is not None:
+                self.headers["Content-Length"] = str(self._refusal_length)
         elif content is None:
             # Nothing to send: 204, as datastar-py answers (the client does nothing).
             super().__init__(None, 204 if status is None else status, all_headers, **kwargs)
@@ -264,6 +271,8 @@ class DatastarResponse(Response):
             body = self._open(handler, None, None, authorize, own_thread, encoding, bits)
             super().__init__(body, status, all_headers, **kwargs)
             self._set_encoding(encoding, vary)
+            if self._refusal_length is not None:
+                self.headers["Content-Length"] = str(self._refusal_length)
 
     def _set_encoding(self, encoding: str | None, vary: bool) -> None:
         if self.datastar_stream is None:
@@ -353,11 +362,17 @@ class DatastarResponse(Response):
                 "This server process takes no streams: gunicorn's sync worker serves one"
                 " request at a time. Run gunicorn with '-k gthread'."
             )
-        body = _refusal_body(environ, reason)
-        if body is None:
+        refusal = _refusal_body(environ, reason)
+        if refusal is None:
             raise ServiceUnavailable(
                 f"No stream now: {_REFUSALS.get(reason, reason)}; try again later."
             )
+        body, length = refusal
+        if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+            # attack fix: without chunks (HTTP/1.0, and an HTTP/1.0 proxy in front), a
+            # cut body ends as cleanly as any other: one byte more announced than sent
+            # makes the cut an error the client retries.
+            self._refusal_length = length + 1
         return body
 
     def __call__(self, environ: Any, start_response: Any) -> Any:

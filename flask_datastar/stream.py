@@ -177,6 +177,17 @@ class Sleep:
     __slots__ = ("seconds",)
 
     def __init__(self, seconds: float | None) -> None:
+        if seconds is not None:
+            # attack fix: a float here, in the handler, as time.sleep() takes it (a
+            # Decimal, a huge int): a due time that failed later in a scheduled step
+            # left the stream open and silent for good.
+            if isinstance(seconds, (str, bytes)):
+                raise TypeError(f"A pause is a number of seconds, not {seconds!r}.")
+            seconds = float(seconds)
+            # attack fix: "not >= 0" also refuses NaN (float("nan") from a query
+            # string), which as a due time stopped the timer of every stream.
+            if not seconds >= 0:
+                raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
         self.seconds = seconds
 
     def __repr__(self) -> str:
@@ -586,9 +597,7 @@ class Stream:
             raise RuntimeError(
                 "'gen.sleep()' only pauses when it is yielded: write 'yield gen.sleep(1)'."
             )
-        if seconds is not None and seconds < 0:
-            raise ValueError(f"Cannot sleep for a negative time ({seconds}).")
-        pause = Sleep(seconds)
+        pause = Sleep(seconds)  # checks it
         self._pending_sleep = pause
         return pause
 
@@ -884,7 +893,9 @@ class Stream:
         try:
             for hook in reversed(self._on_disconnect):
                 try:
-                    self._enter(hook, self)
+                    # As a step: on whichever thread the end runs, the hook is the
+                    # stream's own (its wait_closed() is refused, not a deadlock).
+                    self._step(functools.partial(hook, self))
                 except Exception:
                     log.exception("flask_datastar: error in an on_disconnect hook")
             for registry in list(self._registries):
@@ -1014,17 +1025,35 @@ class Stream:
             handler_iter = yield from self._first_steps(handler_iter)
             if handler_iter is None or self._closed:
                 return
+            # attack fix: from here on no step runs on this thread, which the server
+            # may give to other requests (at once, once released): their sends are
+            # not the stream's own (unbounded), nor is their wait_closed() a deadlock.
+            self._owner = None
             self._steps, handler_iter = handler_iter, None
             self._job = Job(self._tick, str(self.environ.get("PATH_INFO", "")))
             if self._release():
                 handed_off = True
                 self._wake_job()
                 return
+            over = False
             with _open_lock:
                 if not self._holds_thread:
                     # Kept by the portable path after all: count it where it belongs.
-                    _thread_held[0] += 1
-                    self._holds_thread = True
+                    limit = _thread_limit[0]
+                    over = limit is not None and _thread_held[0] >= limit
+                    if not over:
+                        _thread_held[0] += 1
+                        self._holds_thread = True
+            if over:
+                # attack fix: admission expected this stream to give its thread back (a
+                # middleware hiding gunicorn's response, no file descriptor left...): past
+                # the thread limit it is turned away as admission would, with a retry.
+                log.info(
+                    "flask_datastar: refused a stream of %s: every server thread that"
+                    " streams may hold is taken",
+                    self.environ.get("PATH_INFO", ""),
+                )
+                self._end_spread(3.0)
             self._wake_job()
             yield from self._park()
         except GeneratorExit:
@@ -1054,7 +1083,9 @@ class Stream:
                 if data:
                     yield data  # the server writes it; a failed write closes this generator
             if steps is None or self._closed:
-                return None
+                # attack fix: an open handler goes back to _run, which closes it in the
+                # stream's context (dropped here, its finally ran without the request).
+                return steps
             item, alive = self._next_step(steps)
             if not alive:
                 steps = None
@@ -1071,6 +1102,17 @@ class Stream:
                     self.send(Chunk(item))  # _next_step checked it already
                 except StreamClosed:
                     pass
+            # attack fix: the handler's own events are unbounded; before its first pause
+            # it waits here for a slow client, as _loop does, instead of growing the backlog.
+            transport = self._transport
+            if (
+                isinstance(transport, SocketTransport)
+                and transport.pending() > self.config.max_backlog
+            ):
+                try:
+                    self._drain_owner()
+                except StreamClosed:
+                    pass  # ended: the next turn returns
 
     def _park(self) -> Iterator[bytes]:
         """Hand what the scheduler's steps queue to the server, until the stream has ended."""
@@ -1079,6 +1121,8 @@ class Stream:
                 data = b""
                 if isinstance(self._transport, QueueTransport):
                     data = self._transport.take()
+                    if data and self._backlogged:
+                        self._wake_job()  # attack fix: the handler waited for this take
                 done = self._closed and self._phase != _RUNNING
             if data:
                 yield data  # the server writes it; a failed write closes this generator
@@ -1106,8 +1150,8 @@ class Stream:
 
         Only on the direct path under gunicorn, whose response object and
         socket are known: the stream takes a duplicate of the client socket,
-        and the server's own file descriptor is pointed at a socket whose
-        peer has already closed, so that gunicorn's end of the response
+        and the server's own file descriptor is pointed at an unconnected
+        socket of the same kind, so that gunicorn's end of the response
         (no terminating chunk: the stream writes it; then a close, or a
         graceful close) touches nothing the client sees. The connection then
         closes when the stream ends, whatever its keep-alive.
@@ -1127,10 +1171,22 @@ class Stream:
             old = transport.sock
             try:
                 own = old.dup()
-                dead_a, dead_b = socket.socketpair()
             except OSError:
                 return False  # out of file descriptors: keep the thread
             try:
+                # attack fix: an unconnected socket of the same kind, not an AF_UNIX
+                # pair: the application may hold gunicorn's socket object (read from
+                # the environ before this), and TCP options on it must keep working;
+                # a write fails (EPIPE), and a shutdown or close touches no client.
+                dead = socket.socket(old.family, old.type, old.proto)
+            except OSError:
+                own.close()
+                return False
+            try:
+                if isinstance(self.environ, dict):
+                    # What the application reads as the client's socket from now on:
+                    # set before gunicorn's number stops being the client's.
+                    self.environ["gunicorn.socket"] = own
                 watcher = SocketWatcher.get()
                 # Unregister before the number changes what it stands for: epoll keys
                 # its entries on the open file, which the duplicate keeps alive.
@@ -1139,13 +1195,9 @@ class Stream:
                 watcher.add(own, self)
                 if transport.pending():
                     watcher.want_write(own, True)
-                if isinstance(self.environ, dict):
-                    # What the application reads as the client's socket from now on.
-                    self.environ["gunicorn.socket"] = own
-                dead_b.close()
-                os.dup2(dead_a.fileno(), old.fileno())
+                os.dup2(dead.fileno(), old.fileno())
             finally:
-                dead_a.close()
+                dead.close()
             self._sock = own
             self._released = True
             # gunicorn writes no terminating chunk and keeps no connection alive.
@@ -1202,7 +1254,9 @@ class Stream:
                         pass
                 self._wake_at = now  # an event or a checkpoint: go on at the next turn
         transport = self._transport
-        if isinstance(transport, SocketTransport) and not self._closed:
+        # attack fix: the queue path too; there the server's thread takes the queue
+        # (see _park), and the steps must not outrun it for a client that reads nothing.
+        if not self._closed:
             if transport.pending() > config.max_backlog:
                 if not self._backlogged:
                     self._backlogged = now
