@@ -1237,7 +1237,7 @@ class Stream:
         if steps is not None and not self._closed and not self._backlogged and now >= self._wake_at:
             try:
                 item, alive = self._next_step(steps)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: the stream must still wind down
                 self._failed(e)
                 item, alive = None, False
             if not alive:
@@ -1257,13 +1257,20 @@ class Stream:
         # attack fix: the queue path too; there the server's thread takes the queue
         # (see _park), and the steps must not outrun it for a client that reads nothing.
         if not self._closed:
-            if transport.pending() > config.max_backlog:
-                if not self._backlogged:
+            # Under the lock that the flush which drains the backlog takes too: a flush
+            # between the check and the mark would find no mark, and wake no one.
+            with self._lock:
+                over = transport.pending() > config.max_backlog
+                if not over:
+                    self._backlogged = 0.0
+                elif not self._backlogged:
                     self._backlogged = now
-                elif now - self._backlogged >= config.send_timeout:
-                    self._end(f"the client took no data for {config.send_timeout} s", abort=True)
-            else:
-                self._backlogged = 0.0
+                else:
+                    over = now - self._backlogged >= config.send_timeout
+                    if over:
+                        self._end_locked(
+                            f"the client took no data for {config.send_timeout} s", abort=True
+                        )
         if now >= self._expires_at and not self._closed:
             self._expire()
         heartbeat = config.heartbeat
@@ -1294,7 +1301,7 @@ class Stream:
         """End a stream that reached its ``max_lifetime``, so that its client reconnects."""
         self._end("it reached DATASTAR_MAX_LIFETIME", abort=True)
 
-    def _failed(self, error: Exception) -> None:
+    def _failed(self, error: BaseException) -> None:
         """The handler raised in a scheduled step: end the stream abruptly, report the error.
 
         As when it raised on the server's thread: the client reconnects, and the
