@@ -54,6 +54,7 @@ from .transport import (
     SocketTransport,
     SocketWatcher,
     TransportClosed,
+    _probe,
     acknowledged,
     direct_socket,
     wait_writable,
@@ -330,6 +331,7 @@ class Stream:
         "_error",
         "_client_key",
         "_holds_thread",
+        "_probed_at",
     )
 
     def __init__(
@@ -392,6 +394,8 @@ class Stream:
         self._error: BaseException | None = None
         self._client_key: Any = None
         self._holds_thread = False
+        # When the scheduler last asked the direct socket whether its client left.
+        self._probed_at = time.monotonic()
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
@@ -1143,6 +1147,9 @@ class Stream:
                 self.send(_HEARTBEAT)
             except StreamClosed:
                 pass
+        if heartbeat > 0 and not self._closed and now - self._probed_at >= heartbeat:
+            self._probed_at = now
+            self._check_peer()
         if self._closed:
             self._wind_down()
             return
@@ -1159,6 +1166,24 @@ class Stream:
             scheduler().schedule(job, due)
         else:
             scheduler().cancel(job)
+
+    def _check_peer(self) -> None:
+        """End the stream if its client has gone, asking the direct socket itself.
+
+        The socket watcher reports a FIN at once; this is the backstop, once per
+        heartbeat interval, so that an event it did not report (whatever the cause)
+        cannot leave a stream writing for ever to a client that has left and still
+        reads (a half-closed socket takes every byte, so no write fails).
+        """
+        with self._lock:
+            transport = self._transport
+            if self._closed or not isinstance(transport, SocketTransport) or transport.closed:
+                return
+            sock = transport.sock
+        gone = _probe(sock)
+        if gone:
+            log.debug("flask_datastar: %r: found by its heartbeat: %s", self, gone)
+            self._end(gone, abort=True)
 
     def _failed(self, error: Exception) -> None:
         """The handler raised in a scheduled step: end the stream abruptly, report the error.

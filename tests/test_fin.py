@@ -19,12 +19,46 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from flask import Flask, jsonify
 
+from flask_datastar import FlaskDatastar, Stream, open_streams
+from flask_datastar.transport import SocketTransport, SocketWatcher
 from tests.helpers import GunicornServer, RawHTTPStream
 
 pytestmark = pytest.mark.live
 
 APP = "tests.live_apps.streams:app"
+
+# A live app for the backstop test (gunicorn imports it from this module): a stream that
+# only sends heartbeats, and a fault: the socket watcher forgets every stream's socket,
+# as if epoll had not reported what happened to it.
+app = Flask(__name__)
+app.config.from_prefixed_env()
+datastar = FlaskDatastar(app)
+reasons: list[str] = []
+
+
+@app.get("/quiet")
+@datastar.sse(on_disconnect=lambda gen: reasons.append(gen.close_reason))
+def quiet(gen: Stream) -> Any:
+    gen.patch_signals({"path": gen.path})
+    yield gen.sleep()
+
+
+@app.get("/unwatch")
+def unwatch() -> Any:
+    for gen in open_streams():
+        transport = gen._transport
+        if isinstance(transport, SocketTransport):
+            SocketWatcher.get().remove(transport.sock)
+    return jsonify(unwatched=len(open_streams()))
+
+
+@app.get("/state")
+def state() -> Any:
+    return jsonify(open=len(open_streams()), reasons=reasons)
+
+
 PIPELINED = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
@@ -107,3 +141,22 @@ def test_bytes_without_a_fin_do_not_end_the_stream() -> None:
             stream.close()
         assert stats["open"] == 1
         assert stats["disconnects"] == []
+
+
+def test_a_fin_the_watcher_missed_ends_the_stream_within_a_heartbeat() -> None:
+    """The backstop: whatever makes the socket watcher miss a FIN, the stream's own
+    scheduler step asks the socket once per heartbeat interval."""
+    env = {"FLASK_DATASTAR_HEARTBEAT": "0.5"}
+    with GunicornServer("tests.test_fin:app", threads=4, env=env) as server:
+        stream = RawHTTPStream(server.port, "/quiet")
+        try:
+            assert first_signals(stream)["path"] == "direct"
+            assert get_json(server, "/unwatch")["unwatched"] == 1
+            stream.shutdown_write()  # FIN, which no watcher reports now
+            ended = read_until_end(stream, timeout=10)
+            state = wait_for(lambda: (s := get_json(server, "/state"))["open"] == 0 and s, 5)
+        finally:
+            stream.close()
+        assert ended is not None, "the server kept the stream open 10 s after the client's FIN"
+        assert state, "the stream was still open after its connection ended"
+        assert state["reasons"] == ["the client closed the connection"]
