@@ -55,6 +55,7 @@ from .transport import (
     SocketTransport,
     SocketWatcher,
     TransportClosed,
+    _probe,
     acknowledged,
     direct_socket,
     wait_writable,
@@ -363,6 +364,7 @@ class Stream:
         "_expires_at",
         "_encoder",  # compression: this stream's compressor, or None
         "resumed",  # resume (issue 11): set by a registry with a replay log
+        "_probed_at",
     )
 
     def __init__(
@@ -440,6 +442,8 @@ class Stream:
         #: handler then skips the full state. ``False`` for a new tab, and for one whose
         #: gap the log no longer covers: send it the full state.
         self.resumed = False
+        # When the scheduler last asked the direct socket whether its client left.
+        self._probed_at = time.monotonic()
 
     def __repr__(self) -> str:
         state = f"closed: {self._close_reason}" if self._closed else "open"
@@ -1279,6 +1283,9 @@ class Stream:
                 self.send(_HEARTBEAT)
             except StreamClosed:
                 pass
+        if heartbeat > 0 and not self._closed and now - self._probed_at >= heartbeat:
+            self._probed_at = now
+            self._check_peer()
         if self._closed:
             self._wind_down()
             return
@@ -1300,6 +1307,24 @@ class Stream:
     def _expire(self) -> None:
         """End a stream that reached its ``max_lifetime``, so that its client reconnects."""
         self._end("it reached DATASTAR_MAX_LIFETIME", abort=True)
+
+    def _check_peer(self) -> None:
+        """End the stream if its client has gone, asking the direct socket itself.
+
+        The socket watcher reports a FIN at once; this is the backstop, once per
+        heartbeat interval, so that an event it did not report (whatever the cause)
+        cannot leave a stream writing for ever to a client that has left and still
+        reads (a half-closed socket takes every byte, so no write fails).
+        """
+        with self._lock:
+            transport = self._transport
+            if self._closed or not isinstance(transport, SocketTransport) or transport.closed:
+                return
+            sock = transport.sock
+        gone = _probe(sock)
+        if gone:
+            log.debug("flask_datastar: %r: found by its heartbeat: %s", self, gone)
+            self._end(gone, abort=True)
 
     def _failed(self, error: BaseException) -> None:
         """The handler raised in a scheduled step: end the stream abruptly, report the error.

@@ -439,7 +439,9 @@ class SocketWatcher:
 
     Readable with ``recv(MSG_PEEK)`` returning ``b""`` means the client sent
     FIN: its stream ends at once instead of at the next failed write. A client
-    that sends bytes is pipelining; it is no longer watched for reading.
+    that sends bytes is pipelining: those bytes stay unread, so the socket is
+    then watched for its FIN alone (``EPOLLRDHUP``), which ``poll`` confirms
+    while they wait.
 
     epoll reports file descriptor numbers, and the kernel hands a closed
     socket's number to the next connection: an event read just before one
@@ -572,8 +574,10 @@ class SocketWatcher:
                 # again for that entry, whose owner is the one to tell.
                 return
             if gone == "":
-                # Pipelining bytes wait for the server; stop watching for reading.
-                self._set_mask(fd, entry, entry.mask & ~self.IN)
+                # Pipelined bytes wait for the server and keep the socket readable: stop
+                # watching for reading, but not for the FIN that may follow them (the
+                # client leaving). Without EPOLLRDHUP the stream outlived its client.
+                self._set_mask(fd, entry, entry.mask & ~select.EPOLLIN)
                 return
             del self._watched[fd]
             try:
@@ -588,8 +592,8 @@ def _probe(sock: socket.socket, hangup: bool = False) -> str | None:
 
     :param hangup: epoll reported a hang-up or an error; it is confirmed on the
         socket as it is now (the event may have been about an earlier socket).
-    :return: why the client is gone; ``""`` when it sent bytes (pipelining);
-        ``None`` when nothing happened.
+    :return: why the client is gone; ``""`` when it sent bytes (pipelining)
+        and no FIN after them; ``None`` when nothing happened.
     """
     if hangup:
         try:
@@ -608,4 +612,20 @@ def _probe(sock: socket.socket, hangup: bool = False) -> str | None:
         if sock.fileno() == -1:
             return "the connection was closed"
         return f"the connection failed ({errno.errorcode.get(e.errno or 0, e)})"
-    return "the client closed the connection" if data == b"" else ""
+    if data and not _read_shut(sock):
+        return ""
+    return "the client closed the connection"
+
+
+def _read_shut(sock: socket.socket) -> bool:
+    """Whether *sock*'s peer has sent FIN, even with bytes still waiting to be read.
+
+    ``recv(MSG_PEEK)`` shows the FIN only once every byte before it is read, which
+    the server may never do (a pipelined request, for a stream that does not end).
+    """
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP)
+        return any(events & select.POLLRDHUP for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
