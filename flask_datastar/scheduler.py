@@ -24,19 +24,23 @@ gunicorn's fork, in each worker).
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["Job", "PeriodicJob", "Scheduler", "scheduler"]
+__all__ = ["RESOLUTION", "Job", "PeriodicJob", "Scheduler", "scheduler"]
 
 log = logging.getLogger(__name__)
 
 _IDLE, _QUEUED, _RUNNING = 0, 1, 2
+
+#: The timer's resolution in seconds: a job runs at its due time rounded up to a
+#: multiple of it, so that the jobs due in the same slot are handled together.
+RESOLUTION = 0.01
 
 
 class Job:
@@ -88,8 +92,10 @@ class Scheduler:
         lock = threading.Lock()
         self._cond = threading.Condition(lock)
         self._ready: deque[Job] = deque()
-        self._heap: list[tuple[float, int, int, Job]] = []
-        self._seq = itertools.count()
+        # Slot number (due time / RESOLUTION, rounded up) -> (generation, job) pairs due
+        # then; the heap holds the slot numbers.
+        self._buckets: dict[int, list[tuple[int, Job]]] = {}
+        self._slots: list[int] = []
         self._workers: list[_Worker] = []
         self._idle = 0
         self._timer_wake = threading.Condition(lock)
@@ -122,10 +128,18 @@ class Scheduler:
             raise ValueError("A job cannot be scheduled at NaN; give a monotonic time.")
         with self._cond:
             job._generation += 1
-            entry = (due, next(self._seq), job._generation, job)
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
-                self._timer_wake.notify()
+            if due == math.inf:
+                return  # never: as cancel()
+            # Due times are kept in slots of RESOLUTION seconds (rounded up): the timer
+            # handles a slot's jobs together, and its heap holds slots, not every job.
+            slot = math.ceil(due / RESOLUTION)
+            bucket = self._buckets.get(slot)
+            if bucket is None:
+                bucket = self._buckets[slot] = []
+                heapq.heappush(self._slots, slot)
+                if self._slots[0] == slot:
+                    self._timer_wake.notify()
+            bucket.append((job._generation, job))
 
     def cancel(self, job: Job) -> None:
         """Forget the time *job* was scheduled at (a running or queued run still happens)."""
@@ -170,17 +184,24 @@ class Scheduler:
         with self._cond:
             while not self._stopped:
                 now = time.monotonic()
-                heap = self._heap
-                while heap and heap[0][0] <= now:
-                    _, _, generation, job = heapq.heappop(heap)
-                    if generation == job._generation:
-                        self._submit_locked(job)
+                slots = self._slots
+                due = 0
+                while slots and slots[0] * RESOLUTION <= now:
+                    for generation, job in self._buckets.pop(heapq.heappop(slots)):
+                        if generation == job._generation and job._state == _IDLE:
+                            job._state = _QUEUED
+                            self._ready.append(job)
+                            due += 1
+                        elif generation == job._generation:
+                            self._submit_locked(job)  # running: it runs again after
+                if due and self._idle:
+                    self._cond.notify(min(due, self._idle))  # one wake-up per thread
                 if now >= next_check:
                     self._check_pool_locked(now)
                     next_check = now + min(0.25, self.slow_step / 2)
                 wait = next_check - now
-                if heap:
-                    wait = min(wait, heap[0][0] - now)
+                if slots:
+                    wait = min(wait, slots[0] * RESOLUTION - now)
                 if wait > 0:
                     self._timer_wake.wait(wait)
 

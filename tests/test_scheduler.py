@@ -1,0 +1,116 @@
+"""The scheduler on its own: due times, cancellation, one run at a time, slow steps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from flask_datastar.scheduler import RESOLUTION, Job, Scheduler
+
+
+@pytest.fixture
+def pool() -> Iterator[Scheduler]:
+    scheduler = Scheduler(threads=2, max_threads=4, slow_step=0.2)
+    yield scheduler
+    scheduler.stop()
+
+
+def test_jobs_run_at_their_due_times_in_order(pool: Scheduler) -> None:
+    ran: list[str] = []
+    done = threading.Event()
+    start = time.monotonic()
+    for name, delay in [("c", 0.15), ("a", 0.05), ("b", 0.1)]:
+        job = Job(lambda name=name: (ran.append(name), len(ran) == 3 and done.set()), name)
+        pool.schedule(job, start + delay)
+    assert done.wait(5)
+    assert ran == ["a", "b", "c"]
+
+
+def test_a_later_schedule_replaces_an_earlier_one_and_cancel_forgets_it(pool: Scheduler) -> None:
+    runs: list[float] = []
+    job = Job(lambda: runs.append(time.monotonic()), "moved")
+    start = time.monotonic()
+    pool.schedule(job, start + 0.05)
+    pool.schedule(job, start + 0.2)  # the first time no longer counts
+    other = Job(lambda: runs.append(-1.0), "cancelled")
+    pool.schedule(other, start + 0.05)
+    pool.cancel(other)
+    deadline = time.monotonic() + 5
+    while not runs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a run of the cancelled job would have come by now
+    assert len(runs) == 1 and runs[0] >= start + 0.2 - RESOLUTION
+
+
+def test_a_job_never_runs_twice_at_once_and_a_submit_while_running_runs_it_again(
+    pool: Scheduler,
+) -> None:
+    running = threading.Lock()
+    overlaps: list[int] = []
+    runs: list[int] = []
+    release = threading.Event()
+
+    def step() -> None:
+        if not running.acquire(blocking=False):
+            overlaps.append(1)
+            return
+        try:
+            runs.append(1)
+            if len(runs) == 1:
+                release.wait(5)
+        finally:
+            running.release()
+
+    job = Job(step, "once")
+    pool.submit(job)
+    while not runs:
+        time.sleep(0.01)
+    for _ in range(5):
+        pool.submit(job)  # while it runs: it runs once more afterwards, not five times
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(runs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert overlaps == [] and len(runs) == 2
+
+
+def test_slow_steps_are_reported_and_the_pool_grows_for_the_others(pool: Scheduler) -> None:
+    reported: list[tuple[str, float]] = []
+    pool.on_slow_step(lambda name, seconds: reported.append((name, seconds)))
+    release = threading.Event()
+    blockers = [Job(lambda: release.wait(5), f"blocker-{i}") for i in range(2)]
+    for job in blockers:
+        pool.submit(job)  # both base threads are taken
+    quick = threading.Event()
+    time.sleep(0.4)  # longer than slow_step: the timer sees them
+    pool.submit(Job(quick.set, "quick"))
+    assert quick.wait(5), "the pool did not grow for a job waiting behind slow steps"
+    assert pool.size > 2
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(reported) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(name for name, _ in reported) == ["blocker-0", "blocker-1"]
+    assert all(seconds >= 0.2 for _, seconds in reported)
+
+
+def test_a_nan_due_time_is_refused(pool: Scheduler) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        pool.schedule(Job(lambda: None), float("nan"))
+
+
+def test_a_periodic_job_runs_until_it_is_stopped(pool: Scheduler) -> None:
+    times: list[float] = []
+    periodic = pool.every(0.05, lambda: times.append(time.monotonic()), name="beat")
+    deadline = time.monotonic() + 5
+    while len(times) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    periodic.stop()
+    assert len(times) >= 6 and periodic.runs >= 6
+    stopped_at = len(times)
+    time.sleep(0.2)
+    assert len(times) <= stopped_at + 1  # stopped (a run under way may finish)
