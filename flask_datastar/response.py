@@ -369,7 +369,7 @@ class DatastarResponse(Response):
             )
         body, length = refusal
         if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
-            # attack fix: without chunks (HTTP/1.0, and an HTTP/1.0 proxy in front), a
+            # without chunks (HTTP/1.0, and an HTTP/1.0 proxy in front), a
             # cut body ends as cleanly as any other: one byte more announced than sent
             # makes the cut an error the client retries.
             self._refusal_length = length + 1

@@ -123,7 +123,7 @@ class Scheduler:
         A :meth:`submit` in between runs it early, and leaves this time in place.
         """
         if due != due:
-            # attack fix: NaN at the top of the heap is never due, and hides every
+            # NaN at the top of the heap is never due, and hides every
             # entry below it: no timer of the process would fire again.
             raise ValueError("A job cannot be scheduled at NaN; give a monotonic time.")
         with self._cond:

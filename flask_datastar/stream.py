@@ -179,13 +179,13 @@ class Sleep:
 
     def __init__(self, seconds: float | None) -> None:
         if seconds is not None:
-            # attack fix: a float here, in the handler, as time.sleep() takes it (a
+            # a float here, in the handler, as time.sleep() takes it (a
             # Decimal, a huge int): a due time that failed later in a scheduled step
             # left the stream open and silent for good.
             if isinstance(seconds, (str, bytes)):
                 raise TypeError(f"A pause is a number of seconds, not {seconds!r}.")
             seconds = float(seconds)
-            # attack fix: "not >= 0" also refuses NaN (float("nan") from a query
+            # "not >= 0" also refuses NaN (float("nan") from a query
             # string), which as a due time stopped the timer of every stream.
             if not seconds >= 0:
                 raise ValueError(f"Cannot sleep for {seconds!r} seconds: a pause is 0 or more.")
@@ -1029,7 +1029,7 @@ class Stream:
             handler_iter = yield from self._first_steps(handler_iter)
             if handler_iter is None or self._closed:
                 return
-            # attack fix: from here on no step runs on this thread, which the server
+            # from here on no step runs on this thread, which the server
             # may give to other requests (at once, once released): their sends are
             # not the stream's own (unbounded), nor is their wait_closed() a deadlock.
             self._owner = None
@@ -1049,7 +1049,7 @@ class Stream:
                         _thread_held[0] += 1
                         self._holds_thread = True
             if over:
-                # attack fix: admission expected this stream to give its thread back (a
+                # admission expected this stream to give its thread back (a
                 # middleware hiding gunicorn's response, no file descriptor left...): past
                 # the thread limit it is turned away as admission would, with a retry.
                 log.info(
@@ -1087,7 +1087,7 @@ class Stream:
                 if data:
                     yield data  # the server writes it; a failed write closes this generator
             if steps is None or self._closed:
-                # attack fix: an open handler goes back to _run, which closes it in the
+                # an open handler goes back to _run, which closes it in the
                 # stream's context (dropped here, its finally ran without the request).
                 return steps
             item, alive = self._next_step(steps)
@@ -1106,7 +1106,7 @@ class Stream:
                     self.send(Chunk(item))  # _next_step checked it already
                 except StreamClosed:
                     pass
-            # attack fix: the handler's own events are unbounded; before its first pause
+            # the handler's own events are unbounded; before its first pause
             # it waits here for a slow client, as _loop does, instead of growing the backlog.
             transport = self._transport
             if (
@@ -1126,7 +1126,7 @@ class Stream:
                 if isinstance(self._transport, QueueTransport):
                     data = self._transport.take()
                     if data and self._backlogged:
-                        self._wake_job()  # attack fix: the handler waited for this take
+                        self._wake_job()  # the handler waited for this take
                 done = self._closed and self._phase != _RUNNING
             if data:
                 yield data  # the server writes it; a failed write closes this generator
@@ -1178,7 +1178,7 @@ class Stream:
             except OSError:
                 return False  # out of file descriptors: keep the thread
             try:
-                # attack fix: an unconnected socket of the same kind, not an AF_UNIX
+                # an unconnected socket of the same kind, not an AF_UNIX
                 # pair: the application may hold gunicorn's socket object (read from
                 # the environ before this), and TCP options on it must keep working;
                 # a write fails (EPIPE), and a shutdown or close touches no client.
@@ -1258,7 +1258,7 @@ class Stream:
                         pass
                 self._wake_at = now  # an event or a checkpoint: go on at the next turn
         transport = self._transport
-        # attack fix: the queue path too; there the server's thread takes the queue
+        # the queue path too; there the server's thread takes the queue
         # (see _park), and the steps must not outrun it for a client that reads nothing.
         if not self._closed:
             # Under the lock that the flush which drains the backlog takes too: a flush
