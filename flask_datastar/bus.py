@@ -419,12 +419,12 @@ def redis_clients(
     pool = source.connection_pool
     where = repr(pool)
     if isinstance(pool, SentinelConnectionPool):
-        _check_sentinel()
         if not pool.is_master:
             raise ValueError(
                 "The bus publishes: give it the primary's client,"
                 f" 'sentinel.master_for({pool.service_name!r})', not 'slave_for'."
             )
+        _check_sentinel()  # after the mistakes any redis-py version can name
         listener_client = _sentinel_listener(pool, listening)
     else:
 
