@@ -33,7 +33,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import operator
 import os
 import random
 import re
@@ -48,7 +47,7 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 
 from . import metrics
 from .replay import MemoryLog, Position, RedisLog, ReplayLog, parse_event_id
-from .stream import StreamClosed, check_event
+from .stream import StreamClosed, check_event, write_each
 from .transport import Chunk
 
 if TYPE_CHECKING:
@@ -491,6 +490,22 @@ class SSERegistry:
                 failed.append(gen)
                 gen.close(reconnect=True)
         return failed
+
+    def _send_each(self, streams: list[Stream], chunk: Chunk) -> list[Stream]:
+        """As ``_call_each(streams, methodcaller("send", chunk))``, in the fan-out's own loop."""
+        failed = write_each(streams, chunk)
+        for gen, error in failed:
+            self.unregister(gen)
+            if not isinstance(error, StreamClosed):
+                log.error(
+                    "flask_datastar: ending %r, which %r could not reach; its client"
+                    " reconnects and gets the full state.",
+                    gen,
+                    self,
+                    exc_info=error,
+                )
+                gen.close(reconnect=True)
+        return [gen for gen, _ in failed]
 
     # -- rendered events, through the broadcaster thread -----------------------------
 
@@ -1092,8 +1107,9 @@ class SSERegistry:
             if item.position is not None and self._resuming:
                 streams = self._hold_for_resume(streams, item)
             if item.chunk is not None:
-                failed = self._call_each(streams, operator.methodcaller("send", item.chunk))
-                streams = [gen for gen in streams if gen not in failed]
+                failed = self._send_each(streams, item.chunk)
+                if failed:
+                    streams = [gen for gen in streams if gen not in failed]
             if item.end:
                 self._end_streams(streams, item.end == _END_ABRUPTLY)
             idle_since = time.monotonic()

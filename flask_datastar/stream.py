@@ -203,7 +203,6 @@ HandlerItem = str | bytes | Sleep | None
 Handler = Callable[["Stream"], Iterable[HandlerItem] | None]
 
 
-_local = threading.local()
 _open: set[Stream] = set()
 _open_lock = threading.Lock()
 # Per client (identity or address): the streams it holds in this process.
@@ -652,18 +651,18 @@ class Stream:
             chunk = Chunk(self._encoder.compress(chunk.data))
             metrics.stream_encoded(self._encoder.name, raw, len(chunk.data))  # metrics
         transport = self._transport
+        direct = transport.direct
         try:
             # No send ever waits here, where the application may hold its own locks.
             # The owner's own events are never refused: they wait for its next yield
             # (queue path), or in the backlog, which its loop drains before going on
             # (direct path). Other threads' events are bounded by max_backlog.
-            if isinstance(transport, QueueTransport):
-                if owner:
-                    transport.write_unbounded(chunk)
-                else:
-                    transport.write(chunk)
+            if isinstance(transport, SocketTransport):
+                transport.write(chunk, not owner)
+            elif owner:
+                transport.write_unbounded(chunk)
             else:
-                transport.write(chunk, bounded=not owner)
+                transport.write(chunk)
         except TransportClosed as e:
             metrics.event_dropped(self)  # metrics: the event this stream could not take
             self._end_locked(str(e), abort=True)
@@ -671,7 +670,7 @@ class Stream:
         self._last_write = time.monotonic()
         self.sent_events += 1
         metrics.event_sent(self, chunk)  # metrics: events, heartbeats and bytes sent
-        if not transport.direct:
+        if not direct:
             self._notify()
 
     def _notify(self) -> None:
@@ -1217,17 +1216,8 @@ class Stream:
 
     def _tick(self) -> None:
         """One scheduler step of the stream: the handler's next step, heartbeat, or end."""
-        if self._phase == _DONE:
-            return
-        self._enter(self._tick_in_context)
-
-    def _tick_in_context(self) -> None:
-        previous = getattr(_local, "stream", None)
-        _local.stream = self
-        try:
-            self._advance()
-        finally:
-            _local.stream = previous
+        if self._phase != _DONE:
+            self._enter(self._advance)
 
     def _advance(self) -> None:
         if self._phase == _CLOSING:
@@ -1497,14 +1487,14 @@ class Stream:
         ends (see :meth:`_misused`).
         """
         try:
-            item = self._step(functools.partial(next, steps))
+            item = self._step(next, steps)
             problem = self._check_item(item)
             if problem is None:
                 return item, True
             throw = getattr(steps, "throw", None)
             if throw is not None:
                 try:
-                    item = self._step(functools.partial(throw, problem))
+                    item = self._step(throw, problem)
                 except BaseException as e:
                     if e is problem:
                         self._misused(problem)
@@ -1523,14 +1513,15 @@ class Stream:
             self._own_end(e)
             return None, False
 
-    def _step(self, fn: Callable[[], Any]) -> Any:
-        previous = getattr(_local, "stream", None)
-        _local.stream = self
+    def _step(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)``, a step of the handler or a hook, in the stream's context.
+
+        There, :func:`current_stream` returns this stream.
+        """
         started = time.monotonic()  # metrics: slow steps
         try:
-            return self._enter(fn)
+            return self._enter(fn, *args)
         finally:
-            _local.stream = previous
             metrics.step_done(self, started)  # metrics: counts the step if it was slow
 
     def _loop(
@@ -1696,12 +1687,38 @@ def refuse_async(fn: object, what: str) -> None:
         raise TypeError(f"{what} {name!r} is 'async def'. {ASYNC_HANDLER}")
 
 
+def write_each(streams: Iterable[Stream], chunk: Chunk) -> list[tuple[Stream, Exception]]:
+    """Write *chunk* to each of *streams*, from a thread that is none of theirs.
+
+    A registry's fan-out: the loop that one broadcast runs for every open tab,
+    so it does no more per stream than the write itself. The same as
+    ``gen.send(chunk)`` from another thread (the writes are bounded by each
+    stream's ``max_backlog``).
+
+    :param streams: the recipients.
+    :param chunk: the event, encoded and framed once for all of them.
+    :return: the streams that did not take it, each with its error: a
+        :class:`StreamClosed`, or anything unexpected, for the caller to log.
+    """
+    failed: list[tuple[Stream, Exception]] = []
+    for gen in streams:
+        try:
+            if type(gen) is Stream:
+                with gen._lock:
+                    gen._write_locked(chunk, False)
+            else:
+                gen.send(chunk)  # a subclass's (or a stand-in's) own send
+        except Exception as e:
+            failed.append((gen, e))
+    return failed
+
+
 def current_stream() -> Stream:
-    """Return the stream whose handler is running on this thread.
+    """Return the stream whose handler (or hook) is running here.
 
     :raises RuntimeError: no stream handler is running here.
     """
-    stream: Stream | None = getattr(_local, "stream", None)
+    stream = _current.get()
     if stream is None:
         raise RuntimeError(
             "'with_sse' needs a running stream: use it inside a generator passed to"
