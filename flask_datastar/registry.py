@@ -47,6 +47,7 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 
 from . import metrics
 from .replay import MemoryLog, Position, RedisLog, ReplayLog, parse_event_id
+from .scheduler import fan_out
 from .stream import StreamClosed, check_event, write_each
 from .transport import Chunk
 
@@ -493,7 +494,8 @@ class SSERegistry:
 
     def _send_each(self, streams: list[Stream], chunk: Chunk) -> list[Stream]:
         """As ``_call_each(streams, methodcaller("send", chunk))``, in the fan-out's own loop."""
-        failed = write_each(streams, chunk)
+        with fan_out():  # no handler step fights these writes for the GIL
+            failed = write_each(streams, chunk)
         for gen, error in failed:
             self.unregister(gen)
             if not isinstance(error, StreamClosed):

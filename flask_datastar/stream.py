@@ -1250,9 +1250,10 @@ class Stream:
         transport = self._transport
         # the queue path too; there the server's thread takes the queue
         # (see _park), and the steps must not outrun it for a client that reads nothing.
-        if not self._closed:
+        if not self._closed and (self._backlogged or transport.pending()):
             # Under the lock that the flush which drains the backlog takes too: a flush
             # between the check and the mark would find no mark, and wake no one.
+            # (Nothing waiting and no mark: nothing to do, and no lock to take.)
             with self._lock:
                 over = transport.pending() > config.max_backlog
                 if not over:

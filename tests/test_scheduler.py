@@ -114,3 +114,70 @@ def test_a_periodic_job_runs_until_it_is_stopped(pool: Scheduler) -> None:
     stopped_at = len(times)
     time.sleep(0.2)
     assert len(times) <= stopped_at + 1  # stopped (a run under way may finish)
+
+
+def test_one_thread_runs_a_slots_jobs_and_a_second_joins_when_it_falls_behind(
+    pool: Scheduler,
+) -> None:
+    # Quick jobs due together run back to back on one thread: a second thread woken
+    # for them only fights the first for the GIL.
+    threads: list[int] = []
+    done = threading.Event()
+
+    def step() -> None:
+        threads.append(threading.get_ident())
+        time.sleep(0.001)  # a socket write: the GIL is free meanwhile
+        if len(threads) == 40:
+            done.set()
+
+    due = time.monotonic() + 0.05
+    for _n in range(40):
+        pool.schedule(Job(step), due)
+    assert done.wait(5)
+    assert len(set(threads)) == 1
+    # A step that blocks holds its thread: later slots' jobs still run, on another one.
+    gate = threading.Event()
+    blocked = Job(lambda: gate.wait(5), "blocked")
+    pool.submit(blocked)
+    ran = threading.Event()
+    pool.schedule(Job(ran.set, "later"), time.monotonic() + 0.05)
+    try:
+        assert ran.wait(5)
+    finally:
+        gate.set()
+
+
+def test_no_step_starts_during_a_fan_out_and_waiting_ones_are_not_held_back(
+    pool: Scheduler,
+) -> None:
+    ran = threading.Event()
+    with pool.fan_out():
+        pool.submit(Job(ran.set, "held"))
+        pool.schedule(Job(ran.set, "held too"), time.monotonic() + 0.02)
+        time.sleep(0.2)  # the timer and the pool had every chance to run them
+        assert not ran.is_set()
+    assert ran.wait(5)  # and they run as soon as it ends
+
+    # Under back-to-back fan-outs a step waits for one at most: one that is already
+    # waiting when the next fan-out starts runs alongside that one.
+    waited = threading.Event()
+    inside, leave = threading.Event(), threading.Event()
+
+    def next_fan_out() -> None:
+        with pool.fan_out():
+            inside.set()
+            leave.wait(5)
+
+    writer = threading.Thread(target=next_fan_out)
+    try:
+        with pool.fan_out():
+            pool.submit(Job(waited.set, "waiting"))
+            writer.start()
+            assert inside.wait(5)  # the next fan-out started while the step waited
+            time.sleep(0.05)
+            assert not waited.is_set()
+        assert waited.wait(5)  # runs while the next fan-out still writes
+        assert not leave.is_set()
+    finally:
+        leave.set()
+        writer.join(5)
