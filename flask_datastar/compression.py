@@ -64,7 +64,7 @@ _ALIASES = {"x-gzip": "gzip"}
 
 # zlib: memLevel 5 sizes the hash table and the pending buffer for small events
 # (8 KiB each instead of 64 and 32 KiB at the default 8) at no cost in ratio here.
-_GZIP_LEVEL = 6
+_GZIP_LEVEL = 1
 _GZIP_MEM_LEVEL = 5
 # brotli: quality 2 has the smallest fixed tables that still use the window (qualities
 # 0 and 1 compress each flushed block on its own: ~50 % instead of ~4 %).
