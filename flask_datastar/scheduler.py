@@ -42,6 +42,10 @@ _IDLE, _QUEUED, _RUNNING = 0, 1, 2
 #: The timer's resolution in seconds: a job runs at its due time rounded up to a
 #: multiple of it, so that the jobs due in the same slot are handled together.
 RESOLUTION = 0.01
+# Jobs that waited this long while no thread started any: the threads at work are
+# blocked (a step that waits), and one more is woken for them. Long enough that a
+# thread that runs a slot's jobs back to back is not taken for blocked on a busy machine.
+_STALLED = 5 * RESOLUTION
 
 
 class Job:
@@ -101,6 +105,8 @@ class Scheduler:
         self._idle = 0
         # Fan-outs being written now, during which no step starts (see fan_out).
         self._held = 0
+        # Jobs started so far: the timer tells a blocked pool from a busy one by it.
+        self._starts = 0
         self._timer_wake = threading.Condition(lock)
         self._stopped = False
         self._pid = os.getpid()
@@ -209,10 +215,23 @@ class Scheduler:
 
     def _run_timer(self) -> None:
         next_check = time.monotonic()
+        # When to look again at jobs left waiting, and the starts counted then.
+        look_at, look_starts = math.inf, 0
         with self._cond:
             while not self._stopped:
                 now = time.monotonic()
                 slots = self._slots
+                if (
+                    now >= look_at
+                    and self._ready
+                    and self._starts == look_starts
+                    and self._idle
+                    and not self._held
+                ):
+                    # Jobs waited and no thread started one: those at work are blocked (a
+                    # slow step), and no later slot may come to wake another (nor the
+                    # end of a fan-out, which wakes one). One more joins.
+                    self._cond.notify()
                 # Jobs still waiting from earlier: the threads at work are behind.
                 behind = len(self._ready)
                 due = 0
@@ -234,7 +253,11 @@ class Scheduler:
                 if now >= next_check:
                     self._check_pool_locked(now)
                     next_check = now + min(0.25, self.slow_step / 2)
-                wait = next_check - now
+                if not self._ready or not self._idle:
+                    look_at = math.inf  # nothing waits, or no thread to wake for it
+                elif now >= look_at or self._starts != look_starts or look_at == math.inf:
+                    look_at, look_starts = now + _STALLED, self._starts
+                wait = min(next_check, look_at) - now
                 if slots:
                     wait = min(wait, slots[0] * RESOLUTION - now)
                 if wait > 0:
@@ -303,6 +326,7 @@ class Scheduler:
                         self._workers.remove(worker)
                         return
                 job = ready.popleft()
+                self._starts += 1
                 job._state = _RUNNING
                 worker.job = job
                 worker.started = time.monotonic()

@@ -181,3 +181,32 @@ def test_no_step_starts_during_a_fan_out_and_waiting_ones_are_not_held_back(
     finally:
         leave.set()
         writer.join(5)
+
+
+def test_jobs_due_with_a_step_that_blocks_run_on_an_idle_thread(pool: Scheduler) -> None:
+    # One thread is woken for a slot's jobs; when the first of them blocks (a slow
+    # query), the others must not wait for it while the pool's other thread sleeps,
+    # even when no later slot comes due to wake another.
+    gate = threading.Event()
+    ran = threading.Event()
+    due = time.monotonic() + 0.05
+    pool.schedule(Job(lambda: gate.wait(10), "blocks"), due)
+    pool.schedule(Job(ran.set, "same slot"), due)
+    try:
+        assert ran.wait(3), "a job waited behind a blocking step while a thread was idle"
+    finally:
+        gate.set()
+
+
+def test_jobs_held_by_a_fan_out_do_not_wait_behind_a_step_that_blocks(pool: Scheduler) -> None:
+    # At the end of a fan-out one thread is woken for the jobs it held: when the first
+    # of them blocks, the others run on the pool's other thread.
+    gate = threading.Event()
+    ran = threading.Event()
+    with pool.fan_out():
+        pool.submit(Job(lambda: gate.wait(10), "blocks"))
+        pool.submit(Job(ran.set, "held with it"))
+    try:
+        assert ran.wait(3), "a job waited behind a blocking step while a thread was idle"
+    finally:
+        gate.set()
