@@ -1111,7 +1111,8 @@ class SSERegistry:
             if item.chunk is not None:
                 failed = self._send_each(streams, item.chunk)
                 if failed:
-                    streams = [gen for gen in streams if gen not in failed]
+                    gone = set(failed)
+                    streams = [gen for gen in streams if gen not in gone]
             if item.end:
                 self._end_streams(streams, item.end == _END_ABRUPTLY)
             idle_since = time.monotonic()

@@ -119,7 +119,7 @@ class Chunk:
     encoding and the framing are paid once, whatever the number of clients.
     """
 
-    __slots__ = ("data", "head", "framed")
+    __slots__ = ("data", "head", "_framed")
 
     def __init__(self, data: bytes | str) -> None:
         self.data = _encode(data) if isinstance(data, str) else bytes(data)
@@ -127,10 +127,20 @@ class Chunk:
             # As an HTTP/1.1 chunk, nothing is "0\r\n\r\n": the end of the response.
             raise ValueError("A chunk cannot be empty: there is no empty event.")
         self.head = b"%X\r\n" % len(self.data)
-        #: The data as one chunk of HTTP/1.1 chunked transfer encoding: exactly what
-        #: gunicorn's own Response.write() puts on the wire. Built once, here: a
-        #: broadcast writes these same bytes to every socket with one plain send().
-        self.framed = self.head + self.data + b"\r\n"
+        self._framed: bytes | None = None
+
+    @property
+    def framed(self) -> bytes:
+        """The data as one chunk of HTTP/1.1 chunked transfer encoding.
+
+        Exactly what gunicorn's own Response.write() puts on the wire. Built
+        on first use and kept: a broadcast writes these same bytes to every
+        socket with one plain send() (the queue path never needs them).
+        """
+        framed = self._framed
+        if framed is None:
+            framed = self._framed = self.head + self.data + b"\r\n"
+        return framed
 
     def __len__(self) -> int:
         return len(self.data)
