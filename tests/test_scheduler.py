@@ -210,3 +210,43 @@ def test_jobs_held_by_a_fan_out_do_not_wait_behind_a_step_that_blocks(pool: Sche
         assert ran.wait(3), "a job waited behind a blocking step while a thread was idle"
     finally:
         gate.set()
+
+
+def test_a_run_that_schedules_itself_and_a_cancel_from_elsewhere_meanwhile(
+    pool: Scheduler,
+) -> None:
+    # A job's own schedule() is applied when its run ends: it runs again at that time.
+    runs: list[float] = []
+    again = threading.Event()
+
+    def step() -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            pool.schedule(job, time.monotonic() + 0.05)
+        else:
+            again.set()
+
+    job = Job(step, "self")
+    pool.submit(job)
+    assert again.wait(5)
+    assert runs[1] - runs[0] >= 0.05 - RESOLUTION
+
+    # A cancel from another thread while the run is still going wins over the time
+    # the run gave itself, as it would have if that time had been taken at once.
+    inside, leave = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def blocking_step() -> None:
+        ran.append(1)
+        if len(ran) == 1:
+            pool.schedule(other, time.monotonic() + 0.05)
+            inside.set()
+            leave.wait(5)
+
+    other = Job(blocking_step, "cancelled while running")
+    pool.submit(other)
+    assert inside.wait(5)
+    pool.cancel(other)
+    leave.set()
+    time.sleep(0.3)  # the time it gave itself has long passed
+    assert ran == [1]
