@@ -645,6 +645,7 @@ class Stream:
     def _write_locked(self, chunk: Chunk, owner: bool) -> None:
         if self._closed:
             raise StreamClosed(f"The stream has ended ({self._close_reason}).", self)
+        event = chunk  # what metrics count: the event itself, before any compression
         if self._encoder is not None:
             # Compression: this stream's own chunk, compressed in send order under its lock.
             raw = len(chunk.data)
@@ -669,7 +670,7 @@ class Stream:
             raise StreamClosed(f"The stream has ended ({e})", self) from None
         self._last_write = time.monotonic()
         self.sent_events += 1
-        metrics.event_sent(self, chunk)  # metrics: events, heartbeats and bytes sent
+        metrics.event_sent(self, event)  # metrics: events, heartbeats and bytes sent
         if not direct:
             self._notify()
 

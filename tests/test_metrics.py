@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,45 @@ def test_live_metrics_add_up_across_gunicorn_workers(
         finally:
             for tab in tabs:
                 tab.http.close()
+
+
+def test_a_compressed_stream_counts_its_events_heartbeats_and_bytes_before_compression(
+    app: Flask, client: FlaskClient
+) -> None:
+    # As documented: bytes are counted before compression, and a heartbeat is told from
+    # an event by its own text, not by the first byte of its compressed form.
+    datastar = app.extensions["datastar"].extension
+    events = [SSE.patch_signals({"n": n}) for n in range(3)]
+
+    @app.get("/zipped/sse")
+    @datastar.sse
+    def zipped(gen: Any) -> Any:
+        yield from events
+        yield gen.sleep(0.7)  # heartbeats (every 0.2 s) go through the compressor too
+
+    before = metrics.snapshot()
+    response = client.get(
+        "/zipped/sse",
+        headers={"Accept-Encoding": "gzip", "Datastar-Request": "true"},
+        buffered=False,
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    body = b"".join(response.response)  # type: ignore[arg-type]
+    response.close()
+    text = zlib.decompress(body, 16 + zlib.MAX_WBITS).decode()
+    # The opening comment carries the headers out; it is the response's, not counted.
+    assert text.startswith(":\n\n")
+    text = text[3:]
+    heartbeats = sum(1 for block in text.split("\n\n") if block.startswith(":"))
+    assert heartbeats >= 1
+    done = wait_for(
+        lambda: (
+            route(metrics.snapshot(), "/zipped/sse")["open"] == route(before, "/zipped/sse")["open"]
+        )
+    )
+    assert done, "the stream still counts as open"
+    after = metrics.snapshot()
+    numbers, old = route(after, "/zipped/sse"), route(before, "/zipped/sse")
+    assert numbers["events"] - old["events"] == len(events) + text.count("retry:")
+    assert numbers["heartbeats"] - old["heartbeats"] == heartbeats
+    assert numbers["bytes"] - old["bytes"] == len(text.encode())
