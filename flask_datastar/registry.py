@@ -477,19 +477,9 @@ class SSERegistry:
         for gen in streams:
             try:
                 fn(gen)
-            except StreamClosed:
-                self.unregister(gen)
+            except Exception as e:
+                self._unreached(gen, e)
                 failed.append(gen)
-            except Exception:
-                log.exception(
-                    "flask_datastar: ending %r, which %r could not reach; its client"
-                    " reconnects and gets the full state.",
-                    gen,
-                    self,
-                )
-                self.unregister(gen)
-                failed.append(gen)
-                gen.close(reconnect=True)
         return failed
 
     def _send_each(self, streams: list[Stream], chunk: Chunk) -> list[Stream]:
@@ -497,17 +487,21 @@ class SSERegistry:
         with fan_out():  # no handler step fights these writes for the GIL
             failed = write_each(streams, chunk)
         for gen, error in failed:
-            self.unregister(gen)
-            if not isinstance(error, StreamClosed):
-                log.error(
-                    "flask_datastar: ending %r, which %r could not reach; its client"
-                    " reconnects and gets the full state.",
-                    gen,
-                    self,
-                    exc_info=error,
-                )
-                gen.close(reconnect=True)
+            self._unreached(gen, error)
         return [gen for gen, _ in failed]
+
+    def _unreached(self, gen: Stream, error: Exception) -> None:
+        """Drop *gen*, which *error* kept from being reached; end it unless it has ended."""
+        self.unregister(gen)
+        if not isinstance(error, StreamClosed):
+            log.error(
+                "flask_datastar: ending %r, which %r could not reach; its client"
+                " reconnects and gets the full state.",
+                gen,
+                self,
+                exc_info=error,
+            )
+            gen.close(reconnect=True)
 
     # -- rendered events, through the broadcaster thread -----------------------------
 

@@ -652,7 +652,6 @@ class Stream:
             chunk = Chunk(self._encoder.compress(chunk.data))
             metrics.stream_encoded(self._encoder.name, raw, len(chunk.data))  # metrics
         transport = self._transport
-        direct = transport.direct
         try:
             # No send ever waits here, where the application may hold its own locks.
             # The owner's own events are never refused: they wait for its next yield
@@ -671,7 +670,7 @@ class Stream:
         self._last_write = time.monotonic()
         self.sent_events += 1
         metrics.event_sent(self, event)  # metrics: events, heartbeats and bytes sent
-        if not direct:
+        if not transport.direct:
             self._notify()
 
     def _notify(self) -> None:

@@ -215,7 +215,7 @@ def test_jobs_held_by_a_fan_out_do_not_wait_behind_a_step_that_blocks(pool: Sche
 def test_a_run_that_schedules_itself_and_a_cancel_from_elsewhere_meanwhile(
     pool: Scheduler,
 ) -> None:
-    # A job's own schedule() is applied when its run ends: it runs again at that time.
+    # A job may schedule itself from its own run: it runs again at that time.
     runs: list[float] = []
     again = threading.Event()
 
@@ -232,7 +232,7 @@ def test_a_run_that_schedules_itself_and_a_cancel_from_elsewhere_meanwhile(
     assert runs[1] - runs[0] >= 0.05 - RESOLUTION
 
     # A cancel from another thread while the run is still going wins over the time
-    # the run gave itself, as it would have if that time had been taken at once.
+    # the run gave itself: the later call counts.
     inside, leave = threading.Event(), threading.Event()
     ran: list[int] = []
 
