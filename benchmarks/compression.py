@@ -20,6 +20,7 @@ Four measurements, each printed as a markdown table (``--json FILE`` keeps every
     python benchmarks/compression.py                       # all four, ~3 minutes
     python benchmarks/compression.py --only ratio,memory,cpu --seconds 20
     python benchmarks/compression.py --only fanout --streams 1000 --duration 10
+    python benchmarks/compression.py --only fanout --streams 1000 --encodings identity,zstd --runs 4
 
 Linux only (``/proc``); needs gunicorn, zstandard and brotli (``pip install -e
 ".[test]"``), and uses the servers and the raw client of ``tests/helpers.py``.
@@ -333,17 +334,29 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=200, help="fan-out: open streams")
     parser.add_argument("--rate", type=float, default=10, help="fan-out: clicks per second")
     parser.add_argument("--duration", type=float, default=10, help="fan-out: seconds")
+    parser.add_argument(
+        "--encodings",
+        default="identity,gzip,zstd,br",
+        help="fan-out: the encodings to run, identity (the reference) first",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="fan-out: rounds of all the encodings (medians)"
+    )
     parser.add_argument("--json", help="write every value to this file")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    fanout_encodings = args.encodings.split(",")
+    if fanout_encodings[0] != "identity":
+        parser.error("--encodings: the first must be identity, the reference of the ratios")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results: dict[str, Any] = {}
 
-    print(f"capturing the demo's stream for {args.seconds:.0f} s ...", file=sys.stderr)
-    ratio = measure_ratio(args.seconds)
-    capture = ratio.pop("capture")
-    events = [event for event in capture if len(event) > 10]  # ticks and clicks, no heartbeats
+    if only & {"ratio", "memory", "cpu"}:
+        print(f"capturing the demo's stream for {args.seconds:.0f} s ...", file=sys.stderr)
+        ratio = measure_ratio(args.seconds)
+        capture = ratio.pop("capture")
+        events = [event for event in capture if len(event) > 10]  # ticks and clicks only
     if "ratio" in only:
         wire, decoded = ratio["wire"], ratio["decoded"]
         results["ratio_live"] = {e: wire[e] / decoded[e] for e in ENCODINGS}
@@ -389,41 +402,77 @@ def main() -> int:
             [[e, f"{cpu[e]:.1f}"] for e in ENCODINGS],
         )
     if "fanout" in only:
-        runs = []
-        for encoding in ["identity", "gzip", "zstd", "br"]:
-            print(f"fan-out: {args.streams} streams, {encoding} ...", file=sys.stderr)
-            runs.append(measure_fanout(encoding, args.streams, args.rate, args.duration))
-        results["fanout"] = runs
-        base = runs[0]
-        table(
-            f"Fan-out: {args.streams} streams, {args.rate:g} clicks/s for {args.duration:g} s,"
-            " one gunicorn worker (direct path)",
-            [
-                "encoding",
-                "delivery",
-                "p50",
-                "p99",
-                "server CPU",
-                "µs / chunk",
-                "RSS / stream",
-                "CPU x",
-                "p99 x",
-            ],
-            [
+        rounds = []
+        for number in range(args.runs):
+            runs = []
+            for encoding in fanout_encodings:
+                print(
+                    f"fan-out {number + 1}/{args.runs}: {args.streams} streams, {encoding} ...",
+                    file=sys.stderr,
+                )
+                runs.append(measure_fanout(encoding, args.streams, args.rate, args.duration))
+            base = runs[0]
+            for r in runs:  # each ratio against the identity run of the same round
+                r["cpu_x"] = r["server_cpu_pct"] / base["server_cpu_pct"]
+                r["p99_x"] = r["p99_ms"] / base["p99_ms"]
+            rounds.append(runs)
+            table(
+                f"Fan-out, round {number + 1}: {args.streams} streams, {args.rate:g} clicks/s"
+                f" for {args.duration:g} s, one gunicorn worker (direct path)",
                 [
-                    r["encoding"],
-                    f"{r['delivery_pct']:.1f} %",
-                    f"{r['p50_ms']:.1f} ms",
-                    f"{r['p99_ms']:.1f} ms",
-                    f"{r['server_cpu_pct']:.0f} %",
-                    f"{r['server_us_per_chunk']:.0f}",
-                    f"{r['rss_per_stream_kb']:.0f} KiB",
-                    f"{r['server_cpu_pct'] / base['server_cpu_pct']:.2f}",
-                    f"{r['p99_ms'] / base['p99_ms']:.2f}",
+                    "encoding",
+                    "delivery",
+                    "p50",
+                    "p99",
+                    "server CPU",
+                    "µs / chunk",
+                    "RSS / stream",
+                    "CPU x",
+                    "p99 x",
+                ],
+                [
+                    [
+                        r["encoding"],
+                        f"{r['delivery_pct']:.1f} %",
+                        f"{r['p50_ms']:.1f} ms",
+                        f"{r['p99_ms']:.1f} ms",
+                        f"{r['server_cpu_pct']:.0f} %",
+                        f"{r['server_us_per_chunk']:.0f}",
+                        f"{r['rss_per_stream_kb']:.0f} KiB",
+                        f"{r['cpu_x']:.2f}",
+                        f"{r['p99_x']:.2f}",
+                    ]
+                    for r in runs
+                ],
+            )
+        results["fanout"] = rounds[0] if len(rounds) == 1 else rounds
+        if len(rounds) > 1:
+            rows = []
+            for i, encoding in enumerate(fanout_encodings[1:], 1):
+                cpu_x = [runs[i]["cpu_x"] for runs in rounds]
+                p99_x = [runs[i]["p99_x"] for runs in rounds]
+                rss = [
+                    runs[i]["rss_per_stream_kb"] - runs[0]["rss_per_stream_kb"] for runs in rounds
                 ]
-                for r in runs
-            ],
-        )
+                rows.append(
+                    [
+                        encoding,
+                        f"{statistics.median(cpu_x):.2f} ({', '.join(f'{x:.2f}' for x in cpu_x)})",
+                        f"{statistics.median(p99_x):.2f} ({', '.join(f'{x:.2f}' for x in p99_x)})",
+                        f"{statistics.median(rss):+.0f} KiB",
+                    ]
+                )
+            table(
+                f"Fan-out over {len(rounds)} rounds: medians of the ratios to identity"
+                " in the same round",
+                [
+                    "encoding",
+                    "CPU x (each round)",
+                    "p99 x (each round)",
+                    "RSS / stream vs identity",
+                ],
+                rows,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
