@@ -240,25 +240,21 @@ class Encoder:
         self.raw_bytes = 0
         self.wire_bytes = 0
 
+    # Each encoder's compress() is one call of its own, counting included: it runs
+    # once per event for every tab of a broadcast, next to a socket send.
     def compress(self, data: bytes) -> bytes:
         """Compress *data* and flush, so the client can decode all of it at once.
 
         :param data: one or more whole events; never empty.
         :return: the compressed bytes, never empty.
         """
-        out = self._compress(data)
-        self.raw_bytes += len(data)
-        self.wire_bytes += len(out)
-        return out
+        raise NotImplementedError
 
     def finish(self) -> bytes:
         """End the compressed body (a trailer, an end-of-stream marker); call it once."""
         out = self._finish()
         self.wire_bytes += len(out)
         return out
-
-    def _compress(self, data: bytes) -> bytes:
-        raise NotImplementedError
 
     def _finish(self) -> bytes:
         raise NotImplementedError
@@ -278,8 +274,11 @@ class GzipEncoder(Encoder):
         # 16 + bits: a gzip header and trailer around the deflate data.
         self._zlib = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 16 + window_bits, _GZIP_MEM_LEVEL)
 
-    def _compress(self, data: bytes) -> bytes:
-        return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+    def compress(self, data: bytes) -> bytes:
+        out = self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+        self.raw_bytes += len(data)
+        self.wire_bytes += len(out)
+        return out
 
     def _finish(self) -> bytes:
         return self._zlib.flush(zlib.Z_FINISH)
@@ -301,8 +300,10 @@ class BrotliEncoder(Encoder):
             mode=brotli.MODE_TEXT, quality=_BROTLI_QUALITY, lgwin=window_bits
         )
 
-    def _compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes) -> bytes:
         out: bytes = self._brotli.process(data) + self._brotli.flush()
+        self.raw_bytes += len(data)
+        self.wire_bytes += len(out)
         return out
 
     def _finish(self) -> bytes:
@@ -336,8 +337,19 @@ class ZstdEncoder(Encoder):
             chunk_size=_ZSTD_CHUNK
         )
 
-    def _compress(self, data: bytes) -> bytes:
-        return b"".join([*self._chunker.compress(data), *self._chunker.flush()])
+    def compress(self, data: bytes) -> bytes:
+        chunker = self._chunker
+        pieces = [*chunker.compress(data)]  # only whole chunks: rarely any
+        for piece in chunker.flush():
+            pieces.append(piece)
+            if len(piece) < _ZSTD_CHUNK:
+                # A chunk that is not full ends the flush: asking the iterator for the
+                # next would only make one more (empty) compression call.
+                break
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.raw_bytes += len(data)
+        self.wire_bytes += len(out)
+        return out
 
     def _finish(self) -> bytes:
         return b"".join(self._chunker.finish())

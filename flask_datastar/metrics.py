@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flask import Response
 
+    from .compression import Encoder
     from .stream import Stream
     from .transport import Chunk
 
@@ -59,7 +60,7 @@ __all__ = [
     "snapshot",
     "step_done",
     "stream_closed",
-    "stream_encoded",
+    "stream_compressed",
     "stream_opened",
     "stream_refused",
 ]
@@ -85,6 +86,7 @@ NO_ROUTE = "(none)"
 # which every stream has, so that the Stream class needs no slot for metrics.
 _ROUTE_KEY = "flask_datastar.metrics.route"
 _COUNTS_KEY = "flask_datastar.metrics.counts"
+_ENCODER_KEY = "flask_datastar.metrics.encoder"
 # The time a bus message was published (seconds since the epoch), in the message.
 _SENT_AT = "at"  # not "s": the replay log puts the entry id there
 
@@ -147,6 +149,15 @@ def _route(name: str) -> _Route:
     return numbers
 
 
+def _add_encoded(totals: dict[str, list[int]], encoder: Encoder) -> None:
+    """Add *encoder*'s byte counts to *totals*, by encoding (call it under ``_lock``)."""
+    pair = totals.get(encoder.name)
+    if pair is None:
+        pair = totals[encoder.name] = [0, 0]
+    pair[0] += encoder.raw_bytes
+    pair[1] += encoder.wire_bytes
+
+
 def _current_route() -> str:
     """The url rule of the current request, or :data:`NO_ROUTE`."""
     from flask import has_request_context, request
@@ -197,6 +208,9 @@ def stream_closed(stream: Stream) -> None:
         counts = environ.pop(_COUNTS_KEY, None)
         if counts is None:
             return
+        encoder = environ.pop(_ENCODER_KEY, None)
+        if encoder is not None:
+            _add_encoded(_encoded, encoder)
         numbers = _route(environ.get(_ROUTE_KEY, NO_ROUTE))
         numbers.open -= 1
         numbers.events += counts[0]
@@ -269,19 +283,20 @@ def step_done(stream: Stream, started: float) -> None:
         slow_step(stream, seconds)
 
 
-def stream_encoded(encoding: str, raw: int, wire: int) -> None:
-    """Count *raw* bytes of events that a compressor turned into *wire* bytes.
+def stream_compressed(stream: Stream, encoder: Encoder) -> None:
+    """Count what *encoder* compresses for *stream*, from now until the stream closes.
 
-    :param encoding: the content coding, such as ``"gzip"``.
-    :param raw: bytes before compression.
-    :param wire: bytes after it.
+    The encoder keeps its own byte counts (under the stream's lock, as it
+    compresses), so a compressed write takes no lock of this module: snapshots
+    read the counts of the open streams' encoders, and :func:`stream_closed`
+    adds them to the totals of their encoding.
+
+    :param stream: a stream that :func:`stream_opened` counted.
+    :param encoder: its compressor.
     """
-    with _lock:
-        totals = _encoded.get(encoding)
-        if totals is None:
-            totals = _encoded[encoding] = [0, 0]
-        totals[0] += raw
-        totals[1] += wire
+    environ = stream.environ
+    if isinstance(environ, dict) and _COUNTS_KEY in environ:
+        environ[_ENCODER_KEY] = encoder
 
 
 def bus_stamp(message: dict[str, Any]) -> None:
@@ -339,6 +354,7 @@ def _gather() -> tuple[
     streams = open_streams()
     with _lock:
         routes = {name: numbers.as_dict() for name, numbers in _routes.items()}
+        encoded = {name: list(totals) for name, totals in _encoded.items()}
         for stream in streams:
             counts = stream.environ.get(_COUNTS_KEY)
             if counts is not None:
@@ -347,7 +363,9 @@ def _gather() -> tuple[
                     numbers["events"] += counts[0]
                     numbers["bytes"] += counts[1]
                     numbers["heartbeats"] += counts[2]
-        encoded = {name: list(totals) for name, totals in _encoded.items()}
+                encoder = stream.environ.get(_ENCODER_KEY)
+                if encoder is not None:
+                    _add_encoded(encoded, encoder)
         return routes, _coalesced[0], dict(_bus), list(_bus_buckets), encoded
 
 

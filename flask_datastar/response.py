@@ -329,6 +329,7 @@ class DatastarResponse(Response):
         if encoding is not None:
             # Compression: set before on_connect, whose events are the first compressed.
             stream._encoder = compression.make_encoder(encoding, window_bits)
+            metrics.stream_compressed(stream, stream._encoder)
         try:
             stream._hold_request()
             if identity is not None:

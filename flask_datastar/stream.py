@@ -645,19 +645,24 @@ class Stream:
     def _write_locked(self, chunk: Chunk, owner: bool) -> None:
         if self._closed:
             raise StreamClosed(f"The stream has ended ({self._close_reason}).", self)
-        event = chunk  # what metrics count: the event itself, before any compression
-        if self._encoder is not None:
-            # Compression: this stream's own chunk, compressed in send order under its lock.
-            raw = len(chunk.data)
-            chunk = Chunk(self._encoder.compress(chunk.data))
-            metrics.stream_encoded(self._encoder.name, raw, len(chunk.data))  # metrics
         transport = self._transport
+        encoder = self._encoder
         try:
             # No send ever waits here, where the application may hold its own locks.
             # The owner's own events are never refused: they wait for its next yield
             # (queue path), or in the backlog, which its loop drains before going on
             # (direct path). Other threads' events are bounded by max_backlog.
-            if isinstance(transport, SocketTransport):
+            if encoder is not None:
+                # Compression: this stream's own bytes, compressed in send order under
+                # its lock (the encoder counts them for metrics).
+                data = encoder.compress(chunk.data)
+                if isinstance(transport, SocketTransport):
+                    transport.write(data, not owner)
+                elif owner:
+                    transport.write_unbounded(Chunk(data))
+                else:
+                    transport.write(Chunk(data))
+            elif isinstance(transport, SocketTransport):
                 transport.write(chunk, not owner)
             elif owner:
                 transport.write_unbounded(chunk)
@@ -669,7 +674,7 @@ class Stream:
             raise StreamClosed(f"The stream has ended ({e})", self) from None
         self._last_write = time.monotonic()
         self.sent_events += 1
-        metrics.event_sent(self, event)  # metrics: events, heartbeats and bytes sent
+        metrics.event_sent(self, chunk)  # metrics: events, heartbeats, bytes before compression
         if not transport.direct:
             self._notify()
 

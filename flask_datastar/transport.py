@@ -245,14 +245,24 @@ class SocketTransport:
                 # Nothing will ever flush it: stop asking to be told of writability.
                 self._on_backlog(False)
 
-    def write(self, chunk: Chunk, bounded: bool = True) -> None:
+    def write(self, chunk: Chunk | bytes, bounded: bool = True) -> None:
         """Send *chunk* without waiting; what the socket does not take waits in the backlog.
 
-        :param chunk: the event.
+        :param chunk: the event, or bytes of this stream alone (its compressed
+            events), framed here as one chunk: a :class:`Chunk` only pays when
+            the same bytes go to many sockets. Empty bytes send nothing (an
+            empty chunk would end the response).
         :param bounded: close the transport rather than let the backlog grow more
             than *max_backlog* past what unbounded writes (the stream's own) put there.
         """
-        framed = chunk.framed
+        if type(chunk) is Chunk:
+            framed = chunk.framed
+        elif chunk:
+            framed = b"%X\r\n%s\r\n" % (len(chunk), chunk)
+        elif self.closed:
+            raise TransportClosed("The client connection is closed.")
+        else:
+            return
         if self._backlog or self.closed:
             self.write_bytes(framed, bounded)
             return

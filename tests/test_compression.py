@@ -9,6 +9,7 @@ that carries it, before the test asks for the next one.
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -215,6 +216,32 @@ def test_each_event_decodes_alone_and_the_context_is_kept(encoding: str) -> None
     assert max(sizes[1:]) * 5 < len(EVENTS[1])
     assert encoder.raw_bytes == sum(len(e.encode()) for e in EVENTS)
     assert encoder.name == encoding
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_an_event_larger_than_the_compressors_buffers_decodes_whole_at_once(encoding: str) -> None:
+    # Incompressible events several times the window (and zstd's 1 KiB output buffer,
+    # which its flush fills more than once), between small ones: each comes out whole,
+    # and the byte counts are exactly what went in and came out.
+    encoder = make_encoder(encoding)
+    decoder = Decoder(encoding)
+    noise = random.Random(7)
+    events = [
+        b"data: small\n\n",
+        b"data: " + noise.randbytes(10_000).hex().encode()[:10_000] + b"\n\n",
+        b"data: " + bytes(noise.getrandbits(8) for _ in range(3000)) + b"\n\n",
+        b"data: small again\n\n",
+    ]
+    wire = 0
+    for data in events:
+        out = encoder.compress(data)
+        assert decoder.feed(out) == data
+        wire += len(out)
+    tail = encoder.finish()
+    decoder.feed(tail)
+    assert decoder.finished
+    assert encoder.raw_bytes == sum(map(len, events))
+    assert encoder.wire_bytes == wire + len(tail)
 
 
 # -- the response, in process -----------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -403,3 +404,51 @@ def test_a_compressed_stream_counts_its_events_heartbeats_and_bytes_before_compr
     assert numbers["events"] - old["events"] == len(events) + text.count("retry:")
     assert numbers["heartbeats"] - old["heartbeats"] == heartbeats
     assert numbers["bytes"] - old["bytes"] == len(text.encode())
+
+
+def test_compressed_bytes_are_counted_exactly_while_open_and_once_after(
+    app: Flask, client: FlaskClient
+) -> None:
+    # The "encoded" numbers (the compressed ratio) come from each stream's compressor:
+    # every byte it took and made, the opening comment and the end of the body
+    # included, counted while the stream is open and, once it closed, exactly once.
+    app.config["DATASTAR_HEARTBEAT"] = 30  # no heartbeat between two readings
+    datastar = app.extensions["datastar"].extension
+    go_on = threading.Event()
+
+    @app.get("/counted/sse")
+    @datastar.sse
+    def counted(gen: Any) -> Any:
+        yield SSE.patch_signals({"n": 1})
+        while not go_on.is_set():
+            yield gen.sleep(0.02)
+        yield SSE.patch_signals({"n": 2})
+
+    def encoded() -> dict[str, int]:
+        return metrics.snapshot()["encoded"].get("gzip", {"raw": 0, "wire": 0})  # type: ignore[no-any-return]
+
+    before = encoded()
+    response = client.get(
+        "/counted/sse",
+        headers={"Accept-Encoding": "gzip", "Datastar-Request": "true"},
+        buffered=False,
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    chunks = iter(response.response)  # type: ignore[call-overload]
+    wire, text = b"", b""
+    while b'"n":1' not in text:
+        chunk = next(chunks)
+        wire += chunk
+        text += decoder.decompress(chunk)
+    live = encoded()
+    assert (live["raw"] - before["raw"], live["wire"] - before["wire"]) == (len(text), len(wire))
+    go_on.set()
+    for chunk in chunks:
+        wire += chunk
+        text += decoder.decompress(chunk)
+    response.close()
+    assert decoder.eof, "a clean end ends the gzip body"
+    assert wait_for(lambda: route(metrics.snapshot(), "/counted/sse")["open"] == 0)
+    after = encoded()
+    assert (after["raw"] - before["raw"], after["wire"] - before["wire"]) == (len(text), len(wire))

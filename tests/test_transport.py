@@ -74,6 +74,34 @@ def test_partial_sends_wait_in_the_backlog_in_order(
     assert transport.pending() == 0 and flags == [True, False]
 
 
+def test_bytes_of_one_stream_are_framed_as_a_chunk_in_order_with_chunks(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # A stream's own bytes (its compressed events) need no Chunk: the transport frames
+    # them, also when they wait in the backlog behind a partial send.
+    server, client = pair
+    transport = SocketTransport(server, max_backlog=1024 * 1024)
+    parts: list[Chunk | bytes] = [Chunk(b"a" * 5000), b"\x00\xff" * 2000, b"tail", Chunk(b"end")]
+    for part in parts:
+        transport.write(part)
+    transport.write(b"")  # nothing: an empty chunk would end the response
+    expected = b"".join(
+        part.framed if isinstance(part, Chunk) else b"%X\r\n%s\r\n" % (len(part), part)
+        for part in parts
+    )
+    assert transport.pending() > 0  # some of it waited in the backlog
+    received = bytearray()
+    while len(received) < len(expected):
+        received += client.recv(65536)
+        transport.flush()
+    assert bytes(received) == expected
+    transport.close()
+    with pytest.raises(TransportClosed, match="closed"):
+        transport.write(b"")
+    with pytest.raises(TransportClosed, match="closed"):
+        transport.write(b"late")
+
+
 def test_backlog_overflow_closes_the_transport(pair: tuple[socket.socket, socket.socket]) -> None:
     server, _ = pair
     transport = SocketTransport(server, max_backlog=8192)
