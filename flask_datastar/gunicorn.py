@@ -40,7 +40,10 @@ from .stream import close_all_streams, drain_streams, open_streams, set_process_
 
 __all__ = [
     "DRAIN_SPREAD",
+    "EXIT_MARGIN",
+    "EXIT_WAIT",
     "child_exit",
+    "exit_deadline",
     "post_worker_init",
     "raise_open_file_limit",
     "reserved_files",
@@ -56,9 +59,16 @@ log = logging.getLogger(__name__)
 #: top of one second: every tab is back on another worker within 1 + DRAIN_SPREAD s.
 DRAIN_SPREAD = 2.0
 
-#: How long a stopping worker waits for its streams' ends (their last bytes, their
-#: ``on_disconnect`` hooks) before it exits.
+#: How long a stopping worker waits at least for its streams' ends (their last bytes,
+#: their ``on_disconnect`` hooks) before it exits; longer while they are still ending, as
+#: long as gunicorn lets it (see :func:`worker_exit`).
 EXIT_WAIT = 3.0
+#: What a stopping worker keeps of gunicorn's time for itself: it exits this many
+#: seconds before gunicorn would kill it.
+EXIT_MARGIN = 1.0
+
+# When this worker began to stop (time.monotonic()), seen by post_worker_init's watcher.
+_stopping_since: list[float | None] = [None]
 
 
 def reserved_threads(threads: int) -> int:
@@ -158,6 +168,7 @@ def post_worker_init(worker: Any) -> None:
     def watch() -> None:
         while worker.alive:
             stopping.wait(0.2)
+        _stopping_since[0] = time.monotonic()
         # New streams are turned away from now on: gunicorn still answers requests on
         # kept-alive connections for a moment while it stops.
         drain_streams(spread=DRAIN_SPREAD)
@@ -171,14 +182,36 @@ def worker_exit(server: Any, worker: Any) -> None:
 
     Streams that gave their thread back are not requests gunicorn waits for:
     without this wait the process could exit before their last bytes and
-    their ``on_disconnect`` hooks.
+    their ``on_disconnect`` hooks. The wait ends as soon as every stream has
+    ended, and at the latest :data:`EXIT_MARGIN` seconds before gunicorn
+    would kill the worker (``--graceful-timeout`` or ``--timeout`` after it
+    began to stop, whichever is shorter), but not before :data:`EXIT_WAIT`.
     """
     drain_streams(spread=DRAIN_SPREAD)
     close_all_streams(reconnect=True)
-    deadline = time.monotonic() + EXIT_WAIT
+    deadline = exit_deadline(worker.cfg, _stopping_since[0])
     while open_streams() and time.monotonic() < deadline:
         time.sleep(0.02)
     metrics.flush()  # what the worker counted since its last write, before it is gone
+
+
+def exit_deadline(cfg: Any, since: float | None = None) -> float:
+    """Return when (``time.monotonic()``) a stopping worker stops waiting for its streams.
+
+    :param cfg: the worker's gunicorn settings (``graceful_timeout``, ``timeout``).
+    :param since: when it began to stop; now if ``None``.
+    """
+    start = time.monotonic() if since is None else since
+    limits = []
+    for name in ("graceful_timeout", "timeout"):
+        try:
+            value = float(getattr(cfg, name, 30) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0:  # a --timeout of 0 means none
+            limits.append(value)
+    allowed = min(limits) if limits else EXIT_WAIT
+    return start + max(EXIT_WAIT, allowed - EXIT_MARGIN)
 
 
 def child_exit(server: Any, worker: Any) -> None:

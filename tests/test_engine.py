@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,3 +298,42 @@ def test_sighup_moves_every_tab_to_the_new_worker_within_4_seconds() -> None:
         assert new
         with open_stream(server, "/tick?interval=1") as stream:
             assert first(stream, "n")["pid"] in new
+
+
+def test_a_stopping_worker_waits_for_slow_on_disconnect_hooks(tmp_path: Path) -> None:
+    # A hook that takes longer than the 3 s the exit used to wait still ends: the worker
+    # waits as long as gunicorn lets it (--graceful-timeout, --timeout), no longer.
+    marker = tmp_path / "bye"
+    with GunicornServer(
+        APP, config=HOOKS, threads=4, extra_args=["--graceful-timeout", "10"]
+    ) as server:
+        old = server.worker_pids()[0]
+        stream = open_stream(server, f"/goodbye?seconds=4.5&file={marker}")
+        first(stream, "hello")
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert ended_abruptly(stream, timeout=6)
+        stream.close()
+        assert wait_for(lambda: not process_alive(old), timeout=15)
+        assert marker.exists(), "the worker exited before the stream's on_disconnect hook ended"
+
+
+@pytest.mark.parametrize(
+    ("graceful", "timeout", "wait"),
+    [
+        (30, 30, 29.0),  # gunicorn's defaults: up to a second before the kill
+        (10, 30, 9.0),
+        (30, 5, 4.0),  # --timeout kills a worker that stopped reporting (SIGHUP's old ones)
+        (2, 30, 3.0),  # never less than EXIT_WAIT
+        (30, 0, 29.0),  # --timeout 0: no timeout
+    ],
+)
+def test_a_stopping_worker_waits_as_long_as_gunicorn_lets_it(
+    graceful: float, timeout: float, wait: float
+) -> None:
+    from types import SimpleNamespace
+
+    from flask_datastar.gunicorn import exit_deadline
+
+    cfg = SimpleNamespace(graceful_timeout=graceful, timeout=timeout)
+    assert exit_deadline(cfg, since=100.0) == 100.0 + wait

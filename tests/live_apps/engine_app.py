@@ -8,6 +8,8 @@ Settings come from ``FLASK_DATASTAR_*`` variables (``app.config.from_prefixed_en
 - ``GET /slow?seconds=S``: after its first pause, a step that blocks for *S* s.
 - ``GET /owned``: a handler on its own thread (``own_thread=True``).
 - ``GET /boom``: a handler that raises in a scheduled step.
+- ``GET /goodbye?seconds=S&file=F``: an ``on_disconnect`` hook that takes *S* s, then
+  writes *F*.
 - ``GET /beats``: registered for the broadcasts of a periodic job (every 0.1 s).
 - ``POST /broadcast?v=V``: broadcast ``{"b": V}`` to the ``/tick`` streams.
 - ``GET /stats``: this worker's pid, thread count, open streams, teardowns, limits.
@@ -112,6 +114,19 @@ def boom(gen: Stream) -> Iterator[Any]:
     gen.patch_signals({"before": True})
     yield gen.sleep(0.05)
     raise LookupError("boom in a scheduled step")
+
+
+def slow_goodbye(gen: Stream) -> None:
+    time.sleep(float(request.args.get("seconds", "1")))
+    with open(request.args["file"], "w") as file:
+        file.write("bye")
+
+
+@app.get("/goodbye")
+@datastar.sse(on_disconnect=slow_goodbye)
+def goodbye(gen: Stream) -> Iterator[Any]:
+    gen.patch_signals({"hello": True})
+    yield gen.sleep()
 
 
 @app.get("/beats")
