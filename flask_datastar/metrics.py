@@ -139,6 +139,12 @@ _bus = {"messages": 0, "lag_sum": 0.0, "lag_max": 0.0, "reconnects": 0, "publish
 _bus_buckets = [0] * (len(BUS_LAG_BUCKETS) + 1)
 # Compression: bytes before and after, by encoding.
 _encoded: dict[str, list[int]] = {}
+# The streams counted as open and not yet as closed, whose own counters (and
+# compressor's) a snapshot adds to the totals. Kept here, under _lock, rather than
+# read from the engine's open streams: a stream leaves those before stream_closed()
+# folds its counters into the totals, and a snapshot in between counted it nowhere
+# (its events and compressed bytes went back, then forward again).
+_counted: set[Stream] = set()
 
 
 def _route(name: str) -> _Route:
@@ -194,6 +200,7 @@ def stream_opened(stream: Stream) -> None:
         numbers = _route(route)
         numbers.open += 1
         numbers.opened += 1
+        _counted.add(stream)
     _exporter.started()
 
 
@@ -208,6 +215,7 @@ def stream_closed(stream: Stream) -> None:
         counts = environ.pop(_COUNTS_KEY, None)
         if counts is None:
             return
+        _counted.discard(stream)
         encoder = environ.pop(_ENCODER_KEY, None)
         if encoder is not None:
             _add_encoded(_encoded, encoder)
@@ -349,13 +357,10 @@ def _gather() -> tuple[
     dict[str, dict[str, Any]], int, dict[str, Any], list[int], dict[str, list[int]]
 ]:
     """Copy every number: the routes' totals plus the counters of the open streams."""
-    from .stream import open_streams
-
-    streams = open_streams()
     with _lock:
         routes = {name: numbers.as_dict() for name, numbers in _routes.items()}
         encoded = {name: list(totals) for name, totals in _encoded.items()}
-        for stream in streams:
+        for stream in _counted:
             counts = stream.environ.get(_COUNTS_KEY)
             if counts is not None:
                 numbers = routes.get(stream.environ.get(_ROUTE_KEY, NO_ROUTE))
