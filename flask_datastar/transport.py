@@ -255,7 +255,7 @@ class SocketTransport:
         :param bounded: close the transport rather than let the backlog grow more
             than *max_backlog* past what unbounded writes (the stream's own) put there.
         """
-        if type(chunk) is Chunk:
+        if isinstance(chunk, Chunk):  # a subclass's too: Stream.send takes any Chunk
             framed = chunk.framed
         elif chunk:
             framed = b"%X\r\n%s\r\n" % (len(chunk), chunk)

@@ -102,6 +102,21 @@ def test_bytes_of_one_stream_are_framed_as_a_chunk_in_order_with_chunks(
         transport.write(b"late")
 
 
+def test_a_chunk_of_a_subclass_is_framed_as_a_chunk(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Stream.send takes any Chunk, a subclass's too (one that carries a label, say): the
+    # transport frames it from its data, as it did before it took bytes as well.
+    class LabelledChunk(Chunk):
+        __slots__ = ("label",)
+
+    server, client = pair
+    transport = SocketTransport(server, max_backlog=8192)
+    chunk = LabelledChunk(b"data: x\n\n")
+    transport.write(chunk)
+    assert read_exactly(client, len(chunk.framed)) == b"9\r\ndata: x\n\n\r\n"
+
+
 def test_backlog_overflow_closes_the_transport(pair: tuple[socket.socket, socket.socket]) -> None:
     server, _ = pair
     transport = SocketTransport(server, max_backlog=8192)
