@@ -721,7 +721,7 @@ class SSERegistry:
         if log is None and self._replay is not None:
             with self._log_lock:
                 if self._log is None:
-                    self._log = self._replay.open(self.name, self._bus)
+                    self._log = self._replay.open(self.name, self._bus, self._channel)
                 log = self._log
         return log
 

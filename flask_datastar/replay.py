@@ -17,7 +17,9 @@ Where the log lives depends on the registry's bus:
   the pub/sub channel (:class:`RedisLog`). One Lua script appends the event
   with ``XADD ... MAXLEN ~ N`` and publishes it with its entry id, so the ids
   are the same in every process and the order of the channel is the order of
-  the ids; a reconnecting tab's missed events are read with ``XRANGE``.
+  the ids; a reconnecting tab's missed events are read with ``XRANGE``. On a
+  Redis Cluster the stream's key is in its channel's slot, and the script
+  publishes with ``SPUBLISH``.
 """
 
 from __future__ import annotations
@@ -97,25 +99,29 @@ class ReplayLog:
             )
         self._owner = name
 
-    def open(self, name: str, bus: Bus | None) -> MemoryLog[Any] | RedisLog:
+    def open(
+        self, name: str, bus: Bus | None, channel: str | None = None
+    ) -> MemoryLog[Any] | RedisLog:
         """Return the storage for the registry *name* with *bus*: Redis if the bus has it.
 
-        :param name: the registry's name (with Redis, it names the stream's key).
+        :param name: the registry's name.
         :param bus: the registry's bus, or ``None``.
+        :param channel: the registry's bus channel (``flask_datastar:<name>`` by
+            default), on which the log publishes each event with its id.
+        :raises ValueError: on a Redis Cluster, a channel whose name has ``{`` or
+            ``}``: the log's key cannot be put in the channel's slot.
         """
         client = redis_client(bus)
         if client is None:
             return MemoryLog(self.max_events, self.max_age)
-        if getattr(bus, "sharded", False):
-            # The log's script publishes with PUBLISH, which the cluster's SSUBSCRIBE
-            # listeners never see: every event would be lost, quietly. Say so instead.
-            raise ValueError(
-                f"The registry {name!r} has a replay log, which needs a single Redis (or"
-                " Sentinel) bus: on a Redis Cluster (redis+cluster://) its events would"
-                " not reach the other workers. Use DATASTAR_REDIS_URL with one node or"
-                " Sentinel for a registry with a replay log."
-            )
-        return RedisLog(client, name, self.max_events, self.max_age)
+        return RedisLog(
+            client,
+            name,
+            self.max_events,
+            self.max_age,
+            channel=f"flask_datastar:{name}" if channel is None else channel,
+            sharded=bool(getattr(bus, "sharded", False)),
+        )
 
 
 def redis_client(bus: Bus | None) -> Any:
@@ -241,28 +247,55 @@ if oldest > 0 then
     redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', oldest))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[4], '{"s":"' .. id .. '",' .. string.sub(ARGV[3], 2))
+redis.call(ARGV[5], ARGV[4], '{"s":"' .. id .. '",' .. string.sub(ARGV[3], 2))
 return id
 """
 
 
 class RedisLog:
-    """The log of every process: a capped Redis Stream, ``flask_datastar:replay:<name>``.
+    """The log of every process: a capped Redis Stream, ``{flask_datastar:<name>}:replay``.
 
-    :param client: a redis-py client (the bus's).
+    The key's hash tag is the registry's channel, so that on a Redis Cluster
+    the stream and the channel live in the same slot, on the same shard: the
+    script that appends an event there can publish it with ``SPUBLISH``,
+    which sharded subscribers hear.
+
+    :param client: a redis-py client (the bus's): ``redis.Redis`` or
+        ``redis.cluster.RedisCluster``.
     :param name: the registry's name.
     :param max_events: ``MAXLEN ~`` of every ``XADD``.
     :param max_age: seconds: every append drops the entries older than this
         (``XTRIM MINID``), and a log nothing was added to for this long expires.
+    :param channel: the registry's bus channel, ``flask_datastar:<name>`` by default.
+    :param sharded: publish with ``SPUBLISH`` (a bus over a Redis Cluster).
+    :raises ValueError: *sharded*, and a channel with ``{`` or ``}`` in its name.
     """
 
     shared = True
 
-    def __init__(self, client: Any, name: str, max_events: int, max_age: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        max_events: int,
+        max_age: float,
+        *,
+        channel: str | None = None,
+        sharded: bool = False,
+    ) -> None:
         import redis
 
         self.client = client
-        self.key = f"flask_datastar:replay:{name}"
+        self.channel = f"flask_datastar:{name}" if channel is None else channel
+        if sharded and ("{" in self.channel or "}" in self.channel):
+            # A Redis Cluster hashes only what is inside a key's first {...}: no key can
+            # share the slot of such a channel, and the script could not publish on it.
+            raise ValueError(
+                f"The registry {name!r} has a replay log on a Redis Cluster, where its"
+                f" channel {self.channel!r} must have no '{{' or '}}': rename the registry."
+            )
+        self.key = f"{{{self.channel}}}:replay"
+        self.sharded = sharded
         self.max_events = max_events
         self.max_age_ms = max(1, int(max_age * 1000))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
@@ -277,7 +310,14 @@ class RedisLog:
 
         try:
             entry_id = self._script(
-                keys=[self.key], args=[self.max_events, self.max_age_ms, message, channel]
+                keys=[self.key],
+                args=[
+                    self.max_events,
+                    self.max_age_ms,
+                    message,
+                    channel,
+                    "SPUBLISH" if self.sharded else "PUBLISH",
+                ],
             )
         except self._errors as e:
             raise BusError(f"Could not add to the replay log {self.key!r} in Redis: {e}") from e

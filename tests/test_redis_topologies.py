@@ -391,6 +391,35 @@ def test_cluster_url_spreads_registries_over_shards_with_sharded_pubsub(
         say_to_every_room(server.url, tabs, rooms, "again")
 
 
+def test_a_tab_resumes_on_another_worker_through_a_cluster(cluster: list[RedisProcess]) -> None:
+    # The replay log on a Redis Cluster: the capped stream lives in the slot of the
+    # registry's channel, and the script that appends an event publishes it there with
+    # SPUBLISH, which every worker's sharded listener hears. The scenario (a tab
+    # away for 5 s during 50 appends, back on another of three workers) ends with exactly
+    # the 50 lines. Before, a registry with a replay log refused a cluster bus.
+    from tests.test_resume import cut_for_5_s_during_50_appends
+
+    redis = require_module("redis")
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster[:2])
+    with GunicornServer(
+        "tests.live_apps.resume_app:app",
+        workers=3,
+        threads=8,
+        env={"FLASK_DATASTAR_REDIS_URL": url},
+    ) as server:
+        cut_for_5_s_during_50_appends(server)
+        channel = "flask_datastar:resume-big"
+        slot = redis.crc.key_slot(channel.encode())
+        slots = cluster[0].client.execute_command("CLUSTER", "SLOTS")
+        port = next(int(s[2][1]) for s in slots if s[0] <= slot <= s[1])
+        [owner] = [node for node in cluster if node.port == port]
+        assert owner.client.xlen("{" + channel + "}:replay") == 51  # 50 lines and "after"
+        # Heard through sharded subscriptions (the workers that have a tab of the room),
+        # nothing cluster-wide.
+        assert owner.client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] >= 1
+        assert owner.client.pubsub_numsub(channel) == [(channel, 0)]
+
+
 def test_an_apps_cluster_client_carries_the_bus(cluster: list[RedisProcess]) -> None:
     redis = require_module("redis")
     app_client = redis.cluster.RedisCluster(
