@@ -672,7 +672,13 @@ class RedisBus:
         self.health_check_interval = health_check_interval
         self.subscribe_timeout = subscribe_timeout
         self.backoff = backoff
-        self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # RedisClusterException too: what redis-py raises when no node of a cluster
+        # answers (it is neither a RedisError nor an OSError).
+        self._redis_errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            OSError,
+            redis.exceptions.RedisClusterException,
+        )
         self._source: Any = url if url is not None else client
         self._options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
@@ -720,8 +726,14 @@ class RedisBus:
         """The redis-py client that publishes; the application may use it for its own data.
 
         A ``redis.Redis``, or a ``redis.cluster.RedisCluster`` on a cluster.
+
+        :raises BusError: on a cluster, no node could be reached to learn its slots
+            (the client is made at the first use).
         """
-        return self._redis().client
+        try:
+            return self._redis().client
+        except self._redis_errors as e:
+            raise BusError(f"Could not reach Redis at {self._where}: {e}") from e
 
     @property
     def sharded(self) -> bool:

@@ -735,9 +735,12 @@ class SSERegistry:
         last_event_id = getattr(gen, "last_event_id", None)
         found: list[_Item] | None = None
         floor: Position | None = None
+        store: MemoryLog[_Item] | RedisLog | None = None
         if last_event_id is not None:
-            store = self._replay_log()
             try:
+                # Opened here at the latest: a cluster that no node of answers, or that
+                # cannot hold this log, is the full state too, never an error.
+                store = self._replay_log()
                 if isinstance(store, RedisLog):
                     entries = store.since(last_event_id)
                     if entries is not None:

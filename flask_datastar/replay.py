@@ -298,7 +298,12 @@ class RedisLog:
         self.sharded = sharded
         self.max_events = max_events
         self.max_age_ms = max(1, int(max_age * 1000))
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # RedisClusterException: no node of the cluster answers (not a RedisError).
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            OSError,
+            redis.exceptions.RedisClusterException,
+        )
         self._script = client.register_script(_APPEND)
 
     def append_and_publish(self, channel: str, message: str) -> str:

@@ -444,3 +444,46 @@ def test_an_apps_cluster_client_carries_the_bus(cluster: list[RedisProcess]) -> 
         here.close()
         there.close()
         app_client.close()
+
+
+def test_a_registry_with_a_replay_log_outlives_an_unreachable_cluster(
+    cluster: list[RedisProcess],
+) -> None:
+    # When no node of the cluster answers, redis-py raises RedisClusterException, which
+    # is neither a RedisError nor an OSError. A broadcast must still reach this
+    # process's streams (the others are told to resync later), and a tab coming back
+    # with a Last-Event-ID must get the full state: neither may raise (a 500, and the
+    # tab's reconnections a 500 loop). The same for a process whose first use of the
+    # bus falls in the outage (a gunicorn worker recycled meanwhile).
+    from flask_datastar import SSERegistry
+    from flask_datastar.replay import ReplayLog
+    from tests.test_resume import FakeStream
+
+    event = SSE_LINE % "before"
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster)
+    up, fresh = RedisBus(url, connect_timeout=0.5), RedisBus(url, connect_timeout=0.5)
+    try:
+        registry = SSERegistry("outage", bus=up, replay=ReplayLog())
+        watcher = FakeStream(None)
+        registry.register(watcher)
+        registry.broadcast(event)
+        wait_for(lambda: watcher.received, what="the event before the outage")
+        last_id = watcher.received[0].split(b"\n")[0].removeprefix(b"id: ").decode()
+
+        for node in cluster:
+            node.stop()
+
+        registry.broadcast(SSE_LINE % "during")
+        wait_for(lambda: b"during" in watcher.received[-1], what="the local delivery")
+        back = FakeStream(last_id)
+        registry.register(back)
+        assert back.resumed is False and back.received == []
+
+        late = SSERegistry("outage", bus=fresh, replay=ReplayLog())
+        late.broadcast(SSE_LINE % "first use")
+    finally:
+        up.close()
+        fresh.close()
+
+
+SSE_LINE = "event: datastar-patch-elements\ndata: elements <p>%s</p>\n\n"
