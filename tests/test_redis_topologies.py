@@ -486,4 +486,28 @@ def test_a_registry_with_a_replay_log_outlives_an_unreachable_cluster(
         fresh.close()
 
 
+def test_a_registry_whose_log_a_cluster_cannot_hold_says_so_at_its_broadcasts_only(
+    cluster: list[RedisProcess],
+) -> None:
+    # A channel with braces cannot share a slot with the log's key. The broadcast (the
+    # developer's command) says to rename the registry; a tab coming back with a
+    # Last-Event-ID (any client may send one) gets the full state, not a 500 on each of
+    # its reconnections.
+    from flask_datastar import SSERegistry
+    from flask_datastar.replay import ReplayLog
+    from tests.test_resume import FakeStream
+
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster)
+    bus = RedisBus(url)
+    try:
+        registry = SSERegistry("room}1", bus=bus, replay=ReplayLog())
+        back = FakeStream("1700000000000-0")
+        registry.register(back)
+        assert back.resumed is False and back.received == []
+        with pytest.raises(ValueError, match="rename the registry"):
+            registry.broadcast(SSE_LINE % "refused")
+    finally:
+        bus.close()
+
+
 SSE_LINE = "event: datastar-patch-elements\ndata: elements <p>%s</p>\n\n"
