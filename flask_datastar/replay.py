@@ -252,6 +252,14 @@ return id
 """
 
 
+# Reads the entries from ARGV[1] on: a script, because redis-py sends EVALSHA to the key's
+# primary, where a plain XRANGE may go to a replica (an app's cluster client reading from
+# replicas), which can lack the newest entries: the tab would lose them silently.
+_SINCE = """
+return redis.call('XRANGE', KEYS[1], ARGV[1], '+')
+"""
+
+
 class RedisLog:
     """The log of every process: a capped Redis Stream, ``{flask_datastar:<name>}:replay``.
 
@@ -305,6 +313,7 @@ class RedisLog:
             redis.exceptions.RedisClusterException,
         )
         self._script = client.register_script(_APPEND)
+        self._since = client.register_script(_SINCE)
 
     def append_and_publish(self, channel: str, message: str) -> str:
         """Append *message* (a JSON object) and publish it on *channel* with ``"s"``: its id.
@@ -336,8 +345,9 @@ class RedisLog:
         """Return ``(id, message)`` for each entry after *event_id*, or ``None`` if some are gone.
 
         The read starts at *event_id* itself (``XRANGE`` is inclusive): only if
-        that entry is still there is nothing missing in between. A repeated
-        message (a script that redis-py ran again after a timeout) is skipped.
+        that entry is still there is nothing missing in between. It is made on
+        the primary, never on a replica that may lag. A repeated message (a
+        script that redis-py ran again after a timeout) is skipped.
 
         :param event_id: the client's ``Last-Event-ID``.
         :raises flask_datastar.BusError: Redis could not be reached.
@@ -349,15 +359,19 @@ class RedisLog:
         assert event_id is not None
         event_id = event_id.strip()
         try:
-            entries = self.client.xrange(self.key, min=event_id, max="+")
+            entries = self._since(keys=[self.key], args=[event_id])
         except self._errors as e:
             raise BusError(f"Could not read the replay log {self.key!r} in Redis: {e}") from e
         if not entries or _text(entries[0][0]) != event_id:
             return None
         out: list[tuple[str, dict[str, Any]]] = []
         seen: set[str] = set()
-        for raw_id, fields in entries[1:]:
-            payload = fields.get(b"m", fields.get("m"))
+        for raw_id, pairs in entries[1:]:
+            # (From a script, an entry's fields come as a flat list: name, value, ...)
+            fields = {
+                _text(name): value for name, value in zip(pairs[::2], pairs[1::2], strict=False)
+            }
+            payload = fields.get("m")
             if payload is None:
                 continue
             message = json.loads(payload)

@@ -510,4 +510,100 @@ def test_a_registry_whose_log_a_cluster_cannot_hold_says_so_at_its_broadcasts_on
         bus.close()
 
 
+def test_a_tab_resumes_from_the_primary_when_the_app_reads_from_replicas(
+    processes: Callable[..., RedisProcess],
+) -> None:
+    # An app's cluster client may send reads to replicas (redis-py's
+    # load_balancing_strategy / read_from_replicas). A replica behind its primary
+    # lacks the newest events: a tab resuming from it would get some of what it missed
+    # and then the live events, with the rest silently lost (they were broadcast before
+    # it registered). Here the owning shard's replica holds back replication (CLIENT
+    # PAUSE WRITE) while two events are broadcast: the tab must get both.
+    from flask_datastar import SSERegistry
+    from flask_datastar.replay import ReplayLog
+    from tests.test_resume import FakeStream
+
+    redis = require_module("redis")
+    nodes = [
+        processes(
+            ["cluster-enabled yes", f"cluster-port {free_port()}", "cluster-node-timeout 2000"]
+        )
+        for _ in range(6)
+    ]
+    result = subprocess.run(
+        [
+            require_tool("redis-cli", "redis-tools"),
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{node.port}" for node in nodes),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_port = {node.port: node for node in nodes}
+    channel = "flask_datastar:replicas"
+    slot = redis.crc.key_slot(channel.encode())
+
+    def replica() -> RedisProcess | None:
+        for node in nodes:
+            if "cluster_state:ok" not in node.client.execute_command("CLUSTER", "INFO"):
+                return None
+        for first, last, _, *replicas in nodes[0].client.execute_command("CLUSTER", "SLOTS"):
+            if first <= slot <= last and replicas:
+                found = by_port[int(replicas[0][1])]
+                up = found.client.info("replication")["master_link_status"] == "up"
+                return found if up else None
+        return None
+
+    lagging = wait_for(replica, what="the cluster with its replicas")
+    try:
+        from redis.cluster import LoadBalancingStrategy
+
+        reads: dict[str, Any] = {
+            "load_balancing_strategy": LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
+        }
+    except ImportError:  # redis-py < 5.1
+        reads = {"read_from_replicas": True}
+    app_client = redis.cluster.RedisCluster(
+        host="127.0.0.1", port=nodes[0].port, socket_timeout=2, **reads
+    )
+    bus = RedisBus(client=app_client)
+    try:
+        registry = SSERegistry("replicas", bus=bus, replay=ReplayLog())
+        watcher = FakeStream(None)
+        registry.register(watcher)
+        registry.broadcast(SSE_LINE % "seen")
+        wait_for(lambda: watcher.received, what="the first event")
+        last_id = watcher.received[0].split(b"\n")[0].removeprefix(b"id: ").decode()
+        reader = redis.Redis(port=lagging.port, single_connection_client=True)
+        reader.execute_command("READONLY")  # (a cluster replica serves no read without it)
+        try:
+            wait_for(lambda: reader.xlen("{" + channel + "}:replay") == 1, what="replication")
+        finally:
+            reader.close()
+
+        lagging.client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        try:
+            registry.broadcast(SSE_LINE % "missed 1")
+            registry.broadcast(SSE_LINE % "missed 2")
+            wait_for(lambda: len(watcher.received) == 3, what="the two events, live")
+            back = FakeStream(last_id)
+            registry.register(back)
+        finally:
+            lagging.client.execute_command("CLIENT", "UNPAUSE")
+        if back.resumed:
+            assert [b"missed 1" in e for e in back.received] == [True, False]
+            assert b"missed 2" in back.received[1]
+        else:
+            assert back.received == []  # the full state, sent by the handler
+    finally:
+        bus.close()
+        app_client.close()
+
+
 SSE_LINE = "event: datastar-patch-elements\ndata: elements <p>%s</p>\n\n"
