@@ -315,21 +315,26 @@ def test_an_apps_sentinel_client_carries_the_bus(
 # --- Redis Cluster ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cluster(processes: Callable[..., RedisProcess]) -> list[RedisProcess]:
-    """Three primaries, no replica, slots split evenly by ``redis-cli --cluster create``."""
-    nodes = [
+def start_cluster(
+    processes: Callable[..., RedisProcess], nodes: int = 3, replicas: int = 0
+) -> list[RedisProcess]:
+    """Start *nodes* cluster nodes and join them with ``redis-cli --cluster create``.
+
+    :param replicas: replicas per primary (``--cluster-replicas``).
+    """
+    started = [
         processes(
             ["cluster-enabled yes", f"cluster-port {free_port()}", "cluster-node-timeout 2000"]
         )
-        for _ in range(3)
+        for _ in range(nodes)
     ]
     result = subprocess.run(
         [
             require_tool("redis-cli", "redis-tools"),
             "--cluster",
             "create",
-            *(f"127.0.0.1:{node.port}" for node in nodes),
+            *(f"127.0.0.1:{node.port}" for node in started),
+            *(["--cluster-replicas", str(replicas)] if replicas else []),
             "--cluster-yes",
         ],
         capture_output=True,
@@ -337,12 +342,18 @@ def cluster(processes: Callable[..., RedisProcess]) -> list[RedisProcess]:
         timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for node in nodes:
+    for node in started:
         wait_for(
             lambda node=node: "cluster_state:ok" in node.client.execute_command("CLUSTER", "INFO"),
             what=f"the cluster state on {node.port}",
         )
-    return nodes
+    return started
+
+
+@pytest.fixture
+def cluster(processes: Callable[..., RedisProcess]) -> list[RedisProcess]:
+    """Three primaries, no replica, slots split evenly by ``redis-cli --cluster create``."""
+    return start_cluster(processes)
 
 
 def rooms_on_every_shard(nodes: list[RedisProcess]) -> dict[str, RedisProcess]:
@@ -524,27 +535,7 @@ def test_a_tab_resumes_from_the_primary_when_the_app_reads_from_replicas(
     from tests.test_resume import FakeStream
 
     redis = require_module("redis")
-    nodes = [
-        processes(
-            ["cluster-enabled yes", f"cluster-port {free_port()}", "cluster-node-timeout 2000"]
-        )
-        for _ in range(6)
-    ]
-    result = subprocess.run(
-        [
-            require_tool("redis-cli", "redis-tools"),
-            "--cluster",
-            "create",
-            *(f"127.0.0.1:{node.port}" for node in nodes),
-            "--cluster-replicas",
-            "1",
-            "--cluster-yes",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    nodes = start_cluster(processes, nodes=6, replicas=1)
     by_port = {node.port: node for node in nodes}
     channel = "flask_datastar:replicas"
     slot = redis.crc.key_slot(channel.encode())
