@@ -346,7 +346,7 @@ class ZstdEncoder(Encoder):
                 # A chunk that is not full ends the flush: asking the iterator for the
                 # next would only make one more (empty) compression call.
                 break
-        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        out = b"".join(pieces)  # (one piece, the usual case, is returned as it is)
         self.raw_bytes += len(data)
         self.wire_bytes += len(out)
         return out

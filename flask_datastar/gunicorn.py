@@ -202,14 +202,8 @@ def exit_deadline(cfg: Any, since: float | None = None) -> float:
     :param since: when it began to stop; now if ``None``.
     """
     start = time.monotonic() if since is None else since
-    limits = []
-    for name in ("graceful_timeout", "timeout"):
-        try:
-            value = float(getattr(cfg, name, 30) or 0)
-        except (TypeError, ValueError):
-            continue
-        if value > 0:  # a --timeout of 0 means none
-            limits.append(value)
+    # A --timeout of 0 means none.
+    limits = [float(value) for value in (cfg.graceful_timeout, cfg.timeout) if value > 0]
     allowed = min(limits) if limits else EXIT_WAIT
     return start + max(EXIT_WAIT, allowed - EXIT_MARGIN)
 

@@ -922,7 +922,7 @@ class SSERegistry:
             store = self._replay_log() if event is not None and not end else None
             if isinstance(store, RedisLog):
                 # Into the shared log and onto the channel in one step, with its id.
-                store.append_and_publish(self._channel, payload.decode("utf-8"))
+                store.append_and_publish(payload.decode("utf-8"))
             else:
                 bus.publish(self._channel, payload)
         except OSError as e:

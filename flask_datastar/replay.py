@@ -119,7 +119,7 @@ class ReplayLog:
             name,
             self.max_events,
             self.max_age,
-            channel=f"flask_datastar:{name}" if channel is None else channel,
+            channel=channel,
             sharded=bool(getattr(bus, "sharded", False)),
         )
 
@@ -315,8 +315,11 @@ class RedisLog:
         self._script = client.register_script(_APPEND)
         self._since = client.register_script(_SINCE)
 
-    def append_and_publish(self, channel: str, message: str) -> str:
-        """Append *message* (a JSON object) and publish it on *channel* with ``"s"``: its id.
+    def append_and_publish(self, message: str) -> str:
+        """Append *message* (a JSON object) and publish it on the channel with ``"s"``: its id.
+
+        The channel is the log's own (its ``channel``): on a Redis Cluster no
+        other is in the slot of its key.
 
         :raises flask_datastar.BusError: Redis could not be reached or refused it.
         """
@@ -329,7 +332,7 @@ class RedisLog:
                     self.max_events,
                     self.max_age_ms,
                     message,
-                    channel,
+                    self.channel,
                     "SPUBLISH" if self.sharded else "PUBLISH",
                 ],
             )

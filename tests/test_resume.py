@@ -121,9 +121,9 @@ def test_redis_log_bounds_by_count_and_age(redis_module: RedisServer) -> None:
     client = redis.Redis.from_url(redis_module.url)
     try:
         log = RedisLog(client, "bounds", max_events=10, max_age=60)
-        first = log.append_and_publish("channel", json.dumps({"i": "x:0", "e": "a\n\n"}))
+        first = log.append_and_publish(json.dumps({"i": "x:0", "e": "a\n\n"}))
         for index in range(1, 400):
-            log.append_and_publish("channel", json.dumps({"i": f"x:{index}", "e": "a\n\n"}))
+            log.append_and_publish(json.dumps({"i": f"x:{index}", "e": "a\n\n"}))
         # MAXLEN ~ 10: about ten kept (Redis trims whole nodes), never all 400.
         assert 10 <= client.xlen(log.key) < 400
         assert log.since(first) is None
@@ -134,11 +134,11 @@ def test_redis_log_bounds_by_count_and_age(redis_module: RedisServer) -> None:
         assert 0 < client.pttl(log.key) <= 60_000  # an idle log expires
 
         aged = RedisLog(client, "aged", max_events=1000, max_age=0.3)
-        old = aged.append_and_publish("channel", json.dumps({"i": "y:0", "e": "a\n\n"}))
-        kept = aged.append_and_publish("channel", json.dumps({"i": "y:1", "e": "b\n\n"}))
+        old = aged.append_and_publish(json.dumps({"i": "y:0", "e": "a\n\n"}))
+        kept = aged.append_and_publish(json.dumps({"i": "y:1", "e": "b\n\n"}))
         assert [m["e"] for _, m in aged.since(old) or []] == ["b\n\n"]
         time.sleep(0.4)  # the scenario: the entries grow older than max_age
-        aged.append_and_publish("channel", json.dumps({"i": "y:2", "e": "c\n\n"}))
+        aged.append_and_publish(json.dumps({"i": "y:2", "e": "c\n\n"}))
         assert client.xlen(aged.key) == 1
         assert aged.since(old) is None and aged.since(kept) is None
 
